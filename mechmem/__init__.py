@@ -1,0 +1,38 @@
+"""mechmem: inference-time memory and variety interventions on TransformerLens models.
+
+Example:
+    >>> import mechmem
+    >>> model = mechmem.load_model()                       # doctest: +SKIP
+    >>> mechmem.generate(model, "Hello", max_new_tokens=5)  # doctest: +SKIP
+"""
+
+from mechmem.core import (
+    Config,
+    GenerationResult,
+    Identity,
+    Intervention,
+    Progress,
+    Steer,
+    StepContext,
+    forward,
+    generate,
+    intervention_from_dict,
+)
+from mechmem.models import ModelLoadError, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "GenerationResult",
+    "Identity",
+    "Intervention",
+    "ModelLoadError",
+    "Progress",
+    "Steer",
+    "StepContext",
+    "forward",
+    "generate",
+    "intervention_from_dict",
+    "load_model",
+]

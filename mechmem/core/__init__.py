@@ -1,0 +1,22 @@
+"""Intervention core and decoding engine."""
+
+from mechmem.core.basic import Identity, Steer
+from mechmem.core.config import Config, require
+from mechmem.core.context import StepContext
+from mechmem.core.engine import Progress, forward, generate
+from mechmem.core.intervention import Intervention, intervention_from_dict
+from mechmem.core.result import GenerationResult
+
+__all__ = [
+    "Config",
+    "GenerationResult",
+    "Identity",
+    "Intervention",
+    "Progress",
+    "Steer",
+    "StepContext",
+    "forward",
+    "generate",
+    "intervention_from_dict",
+    "require",
+]

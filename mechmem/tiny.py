@@ -1,0 +1,119 @@
+"""Tiny random-weight models of real architectures, built offline, for tests and benchmarks.
+
+Every model shares one byte-level tokenizer (256 byte tokens plus ``<bos>``, ``<eos>``,
+``<pad>``) that needs no training and no download, and has a small chat template.
+
+Example:
+    >>> model = tiny_model("llama")
+    >>> model.cfg.n_layers, model.cfg.n_heads
+    (3, 4)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+Architecture = Literal["llama", "gpt2", "gpt_neox", "qwen2"]
+ARCHITECTURES: tuple[Architecture, ...] = ("llama", "gpt2", "gpt_neox", "qwen2")
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}<bos>{{ message['role'] }}\n{{ message['content'] }}<eos>\n"
+    "{% endfor %}{% if add_generation_prompt %}<bos>assistant\n{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is one token.
+
+    It is saved once under the mechmem cache and loaded from there, because TransformerLens
+    reloads tokenizers by their ``name_or_path``.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> tok.decode(tok("hi").input_ids)
+        'hi'
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from mechmem.models import cache_dir
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    folder = cache_dir() / "tiny-byte-tokenizer"
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _config(architecture: Architecture, vocab_size: int, special: dict[str, int]):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, **special)
+    if architecture == "llama":
+        return LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **common,
+        )
+    if architecture == "qwen2":
+        return Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True, **common,
+        )
+    if architecture == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
+    if architecture == "gpt_neox":
+        return GPTNeoXConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=512, rotary_pct=0.5, use_parallel_residual=True, **common,
+        )
+    raise ValueError(f"Unknown tiny architecture {architecture!r}; choose from {ARCHITECTURES}.")
+
+
+def tiny_hf_model(architecture: Architecture = "llama", *, seed: int = 0):
+    """A random-weight HF causal LM of ``architecture`` and the byte tokenizer.
+
+    Weights are drawn with std 0.2 (larger than the usual 0.02) so that the logits are far from
+    uniform and greedy decoding is not dominated by ties.
+
+    Example:
+        >>> hf_model, tokenizer = tiny_hf_model("gpt2")
+        >>> hf_model.config.n_layer
+        3
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = byte_tokenizer()
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = _config(architecture, len(tokenizer), special)
+    config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval(), tokenizer
+
+
+def tiny_model(
+    architecture: Architecture = "llama", *, seed: int = 0, device: str | None = "cpu"
+) -> TransformerBridge:
+    """A tiny random-weight ``TransformerBridge`` of ``architecture`` (3 layers, d_model 64).
+
+    Example:
+        >>> tiny_model("gpt_neox").cfg.d_model
+        64
+    """
+    from mechmem.models import bridge_from_hf
+
+    return bridge_from_hf(*tiny_hf_model(architecture, seed=seed), device=device)
