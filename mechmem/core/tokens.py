@@ -104,3 +104,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     elif configured:
         ids.update(int(i) for i in configured)
     return ids
+
+
+def encode_batch(model, prompts) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Tokenise ``prompts`` with the model's tokenizer and left-pad them, on the model's device.
+
+    Example:
+        >>> tokens, mask = encode_batch(model, ["a", "bcd"])  # doctest: +SKIP
+    """
+    tokenizer = hf_tokenizer(model)
+    ids = encode_prompts(tokenizer, prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens, mask = left_pad(ids, pad)
+    return tokens.to(model.cfg.device), mask.to(model.cfg.device)

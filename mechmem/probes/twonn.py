@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 METHODS = ("regression", "mle")
@@ -107,6 +107,44 @@ def _unique_rows(X: Float[Tensor, "n d"]) -> Float[Tensor, "m d"]:
     return X[first.sort().values]
 
 
+def _merge_topk(
+    best: Float[Tensor, "b k"], best_idx: Int[Tensor, "b k"], score: Float[Tensor, "b m"], offset: int
+) -> None:
+    """Fold the k smallest entries of ``score`` (columns offset..offset+m) into ``best``, in place."""
+    k = best.shape[1]
+    values, idx = score.topk(min(k, score.shape[1]), dim=1, largest=False)
+    values, order = torch.cat([best, values], dim=1).topk(k, dim=1, largest=False)
+    best.copy_(values)
+    best_idx.copy_(torch.cat([best_idx, idx + offset], dim=1).gather(1, order))
+
+
+def _candidates(Y: Float[Tensor, "n d"], k: int, chunk_size: int) -> Int[Tensor, "n k"]:
+    """Indices of each point's k nearest other points by float32 squared distance.
+
+    Distances are symmetric, so each Gram block Y_I @ Y_J.T (I <= J) ranks block J's points for
+    the queries in I and, transposed, block I's points for the queries in J: half the products
+    of a plain row-chunked search. For a fixed query a, ||b||^2 - 2ab ranks the points b like
+    ||a - b||^2, so the query's own norm is never added.
+    """
+    n = len(Y)
+    sq_norms = (Y * Y).sum(dim=1)
+    best = torch.full((n, k), torch.inf, dtype=Y.dtype, device=Y.device)
+    best_idx = torch.zeros((n, k), dtype=torch.long, device=Y.device)
+    for i0 in range(0, n, chunk_size):
+        i1 = min(i0 + chunk_size, n)
+        for j0 in range(i0, n, chunk_size):
+            j1 = min(j0 + chunk_size, n)
+            gram = Y[i0:i1] @ Y[j0:j1].T
+            for_rows = sq_norms[j0:j1] - 2.0 * gram
+            if i0 == j0:
+                for_rows.fill_diagonal_(torch.inf)
+            else:
+                for_cols = sq_norms[i0:i1, None] - 2.0 * gram
+                _merge_topk(best[j0:j1], best_idx[j0:j1], for_cols.T.contiguous(), i0)
+            _merge_topk(best[i0:i1], best_idx[i0:i1], for_rows, j0)
+    return best_idx
+
+
 def twonn_ratios(
     X: Float[Tensor, "n d"] | Float[np.ndarray, "n d"],
     *,
@@ -117,14 +155,15 @@ def twonn_ratios(
 
     Exact duplicate rows are removed first (their r1 would be 0 and mu undefined), so there is
     one ratio per distinct point, in the order of each point's first occurrence in X. Neighbours
-    are searched block by block (``chunk_size`` query rows against all points, so memory is
-    O(chunk_size * n), never n x n): the ``8`` nearest candidates of each point are ranked in
-    float32 on centred data with the ||a||^2 + ||b||^2 - 2ab expansion, then re-ranked with exact
-    float64 distances, so float32 (or TF32) rounding cannot bias r1 for tightly clustered points.
+    are searched in ``chunk_size`` x ``chunk_size`` blocks of the distance matrix, so memory is
+    O(chunk_size^2 + n * d), never n x n: each point's 8 nearest candidates are ranked in float32
+    on centred, rescaled data with the ||a||^2 + ||b||^2 - 2ab expansion, then re-ranked with
+    exact float64 distances ||a - b||, so float32 (or TF32) cancellation cannot bias r1 for
+    tightly clustered points.
 
     Args:
         X: Points, [n_points, n_features]; a torch tensor (any device) or numpy array.
-        chunk_size: Query rows per block; the result does not depend on it.
+        chunk_size: Rows and columns per block; the ratios do not depend on it.
         device: Where to compute; default X's device (CPU for numpy input).
 
     Returns:
@@ -144,18 +183,14 @@ def twonn_ratios(
     if n < 3:
         raise ValueError(f"too few points: TwoNN needs at least 3 distinct points, got {n}")
 
-    Y = (X - X.mean(dim=0)).to(torch.float32)
-    sq_norms = (Y * Y).sum(dim=1)
-    k = min(_N_CANDIDATES, n - 1)
+    centred = X - X.mean(dim=0)
+    candidates = _candidates(
+        (centred / centred.abs().max()).to(torch.float32), min(_N_CANDIDATES, n - 1), chunk_size
+    )
     r = torch.empty(n, 2, dtype=torch.float64, device=X.device)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        rows = torch.arange(stop - start, device=X.device)
-        # ||b||^2 - 2ab ranks the points b like ||a - b||^2 for a fixed query a.
-        score = torch.addmm(sq_norms.unsqueeze(0), Y[start:stop], Y.T, alpha=-2.0)
-        score[rows, rows + start] = torch.inf
-        candidates = score.topk(k, dim=1, largest=False).indices
-        exact = (X[start:stop].unsqueeze(1) - X[candidates]).norm(dim=2)
+        exact = (X[start:stop].unsqueeze(1) - X[candidates[start:stop]]).norm(dim=2)
         r[start:stop] = exact.topk(2, dim=1, largest=False).values
     return r[:, 1] / r[:, 0]
 

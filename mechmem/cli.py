@@ -1,0 +1,136 @@
+"""The ``mechmem`` command.
+
+Examples:
+    mechmem generate "The capital of France is" --max-new-tokens 20
+    mechmem generate "Tell me a story" --chat --sample --temperature 0.8 --json
+    mechmem models
+    mechmem probe logit-delta "The capital of France is" --layer 10 --scale 8 --out results/
+    mechmem probe twonn --texts-file texts.txt --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=None,
+        help="model: omit for the embedded SmolLM2-135M-Instruct, or a .gguf file, an HF folder, "
+        "or an HF hub name",
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mechmem", description="Inference-time interventions, probes and experiments."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text with mechmem's engine")
+    gen.add_argument("prompt", nargs="+", help="one or more prompts (a batch)")
+    _add_model_args(gen)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    gen.add_argument("--system", default=None, help="system prompt (with --chat)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--window", type=int, default=None, help="sliding context window")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--progress", action="store_true", help="show a progress bar")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    commands.add_parser("models", help="list the models mechmem can load and the cache folder")
+
+    probe = commands.add_parser("probe", help="run a probe and write JSON + an HTML figure")
+    probes = probe.add_subparsers(dest="probe", required=True)
+    delta = probes.add_parser(
+        "logit-delta", help="logit delta / KL of a steering vector, per layer or at one layer"
+    )
+    delta.add_argument("prompt", nargs="+")
+    _add_model_args(delta)
+    delta.add_argument("--layer", type=int, default=None, help="one layer (default: every layer)")
+    delta.add_argument("--scale", type=float, default=4.0, help="steering vector norm")
+    delta.add_argument("--seed", type=int, default=0, help="seed of the random direction")
+    delta.add_argument("--out", default="results", help="output folder")
+    twonn = probes.add_parser("twonn", help="TwoNN intrinsic dimension of every layer")
+    _add_model_args(twonn)
+    twonn.add_argument("--texts-file", default=None, help="one text per line (default: built-in)")
+    twonn.add_argument("--pooling", choices=["last", "mean", "tokens"], default="mean")
+    twonn.add_argument("--hook", default="hook_resid_post")
+    twonn.add_argument("--out", default="results", help="output folder")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import mechmem
+
+    model = mechmem.load_model(args.model, device=args.device)
+    result = mechmem.generate(
+        model,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        chat=args.chat,
+        system_prompt=args.system,
+        window=args.window,
+        stop_strings=args.stop,
+        progress=args.progress,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for prompt, text in zip(args.prompt, result.text):
+            print(f"{prompt}{text}" if not args.chat else text)
+        rate = result.tokens_per_second
+        print(f"[{sum(map(len, result.tokens))} tokens, {rate:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _models(_: argparse.Namespace) -> int:
+    from mechmem.models import EMBEDDED_ALIASES, EMBEDDED_PACKAGE, cache_dir
+
+    print(f"embedded default: SmolLM2-135M-Instruct (from PyPI {EMBEDDED_PACKAGE})")
+    print(f"  names: none, or one of {sorted(EMBEDDED_ALIASES)}")
+    print("other models: a path to a .gguf file, an HF model folder, or an HF hub name")
+    print(f"cache folder (MECHMEM_CACHE): {cache_dir()}")
+    cached = sorted(p.name for p in (cache_dir() / "dequantised").glob("*") if p.is_dir())
+    for name in cached:
+        print(f"  cached: {name}")
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from mechmem.probes.cli import run_probe
+
+    return run_probe(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mechmem`` console command."""
+    from mechmem.models import ModelLoadError
+
+    args = _parser().parse_args(argv)
+    handlers = {"generate": _generate, "models": _models, "probe": _probe}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, ModelLoadError) as error:  # bad input: one clear line, no traceback
+        print(f"mechmem: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

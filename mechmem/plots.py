@@ -1,0 +1,126 @@
+"""Plotly figures of probe results. Every function returns a ``go.Figure`` and never shows it.
+
+Example:
+    >>> fig = id_profile_figure(profile)   # doctest: +SKIP
+    >>> fig.write_html("id_profile.html")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from mechmem.probes.id_profile import IDProfile
+from mechmem.probes.logit_delta import LayerEffectResult, LogitDeltaResult
+
+
+def logit_delta_figure(result: LogitDeltaResult, title: str = "Logit delta") -> go.Figure:
+    """Per scored position: max / mean |Δlogit| (left axis) and KL both ways (right axis).
+
+    Example:
+        >>> logit_delta_figure(logit_delta(model, prompts, steer))  # doctest: +SKIP
+    """
+    labels = [f"row {r} pos {p}" for r, p in zip(result.row, result.position)]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_bar(x=labels, y=result.max_abs_delta, name="max |Δlogit|")
+    fig.add_bar(x=labels, y=result.mean_abs_delta, name="mean |Δlogit|")
+    fig.add_scatter(x=labels, y=result.kl_forward, name="KL(P_int‖P_base)", mode="markers+lines",
+                    secondary_y=True)
+    fig.add_scatter(x=labels, y=result.kl_reverse, name="KL(P_base‖P_int)", mode="markers+lines",
+                    secondary_y=True)
+    fig.update_layout(title=title, barmode="group", xaxis_title="scored position")
+    fig.update_yaxes(title_text="|Δlogit|", secondary_y=False)
+    fig.update_yaxes(title_text="KL (nats)", secondary_y=True)
+    return fig
+
+
+def layer_effect_figure(result: LayerEffectResult, title: str = "Effect by layer") -> go.Figure:
+    """Mean |Δlogit| and KL of the same intervention applied at each layer in turn.
+
+    Example:
+        >>> layer_effect_figure(logit_delta_by_layer(model, prompts, make))  # doctest: +SKIP
+    """
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=result.layers, y=result.metric("mean_abs_delta"), name="mean |Δlogit|")
+    fig.add_scatter(x=result.layers, y=result.metric("kl_forward"), name="KL(P_int‖P_base)",
+                    secondary_y=True)
+    fig.add_scatter(x=result.layers, y=1 - result.metric("top1_agreement"),
+                    name="top-1 changed (fraction)", secondary_y=True, line={"dash": "dot"})
+    fig.update_layout(title=title, xaxis_title="layer")
+    fig.update_yaxes(title_text="mean |Δlogit|", secondary_y=False)
+    fig.update_yaxes(title_text="KL (nats) / fraction", secondary_y=True)
+    return fig
+
+
+def id_profile_figure(profile: IDProfile, title: str | None = None) -> go.Figure:
+    """Intrinsic dimension per layer with its bootstrap band and the suggested layer marked.
+
+    Example:
+        >>> id_profile_figure(id_profile(model, texts))  # doctest: +SKIP
+    """
+    layers = np.array(profile.layers)
+    fig = go.Figure()
+    fig.add_scatter(
+        x=np.concatenate([layers, layers[::-1]]),
+        y=np.concatenate([profile.ci_high, profile.ci_low[::-1]]),
+        fill="toself", line={"width": 0}, opacity=0.25, name="bootstrap CI", hoverinfo="skip",
+    )
+    fig.add_scatter(x=layers, y=profile.dimension, mode="lines+markers", name="TwoNN ID")
+    suggested = profile.suggest_layer()
+    fig.add_vline(x=suggested, line_dash="dash", annotation_text=f"suggested layer {suggested}")
+    fig.update_layout(
+        title=title or f"Intrinsic dimension by layer ({profile.hook}, {profile.pooling} pooling, "
+        f"{profile.n_points} points)",
+        xaxis_title="layer", yaxis_title="intrinsic dimension",
+    )
+    return fig
+
+
+def trace_figure(
+    traces: dict[str, np.ndarray], row: int = 0, title: str = "Activation traces"
+) -> go.Figure:
+    """Lines for scalar traces (``[step, batch]``), a heatmap for vector ones (``[step, batch, k]``).
+
+    Example:
+        >>> trace_figure(recorder.traces())  # doctest: +SKIP
+    """
+    if not traces:
+        raise ValueError("traces: nothing to plot")
+    scalar = {k: v for k, v in traces.items() if v.ndim == 2}
+    vector = {k: v for k, v in traces.items() if v.ndim >= 3}
+    if vector and not scalar and len(vector) == 1:
+        name, values = next(iter(vector.items()))
+        flat = values[:, row].reshape(values.shape[0], -1)
+        fig = go.Figure(go.Heatmap(z=flat.T, colorbar={"title": "value"}))
+        fig.update_layout(title=f"{title}: {name}", xaxis_title="step", yaxis_title="component")
+        return fig
+    fig = go.Figure()
+    for name, values in scalar.items():
+        fig.add_scatter(y=values[:, row], mode="lines", name=name)
+    for name, values in vector.items():
+        flat = values[:, row].reshape(values.shape[0], -1)
+        fig.add_scatter(y=np.linalg.norm(flat, axis=-1), mode="lines", name=f"‖{name}‖")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="value")
+    return fig
+
+
+def repetition_figure(
+    logs: Sequence[dict], keys: Sequence[str] = ("rep_n_token",), title: str = "Repetition"
+) -> go.Figure:
+    """Repetition metrics logged every N tokens (the engine's callback logs) against tokens.
+
+    Example:
+        >>> repetition_figure(result.logs)  # doctest: +SKIP
+    """
+    if not logs:
+        raise ValueError("logs: nothing to plot")
+    fig = go.Figure()
+    steps = [entry["step"] for entry in logs]
+    for key in keys:
+        fig.add_scatter(x=steps, y=[entry.get(key) for entry in logs], mode="lines+markers",
+                        name=key)
+    fig.update_layout(title=title, xaxis_title="generated tokens", yaxis_title="value")
+    return fig

