@@ -6,6 +6,7 @@ Examples:
     mechmem models
     mechmem probe logit-delta "The capital of France is" --layer 10 --scale 8 --out results/
     mechmem probe twonn --texts-file texts.txt --out results/
+    mechmem run drugs --out results/ --set 'seeds=[0,1]'
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print the result as JSON")
 
     commands.add_parser("models", help="list the models mechmem can load and the cache folder")
+
+    run = commands.add_parser("run", help="run an experiment; writes JSON and HTML to --out")
+    run.add_argument("experiment", choices=["drugs"])
+    _add_model_args(run)
+    run.add_argument("--config", default=None, help="JSON file of config overrides")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                     help="override one config field, e.g. --set 'seeds=[0,1]' (repeatable)")
+    run.add_argument("--out", default="results", help="output folder")
+    run.add_argument("--progress", action="store_true", help="show progress bars")
 
     probe = commands.add_parser("probe", help="run a probe and write JSON + an HTML figure")
     probes = probe.add_subparsers(dest="probe", required=True)
@@ -113,6 +123,30 @@ def _models(_: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import mechmem
+    from mechmem.experiments import EXPERIMENTS
+
+    config_class, run = EXPERIMENTS[args.experiment]
+    overrides = json.loads(Path(args.config).read_text()) if args.config else {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected KEY=JSON, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--set {key}: value is not JSON ({error})") from error
+    config = config_class.from_dict(overrides)  # bad config: clear error before any model loads
+    model = mechmem.load_model(args.model, device=args.device)
+    results = run(model, config, out=args.out, progress=args.progress)
+    print(results["answer"])
+    print(f"wrote {Path(args.out) / (args.experiment + '.json')}")
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from mechmem.probes.cli import run_probe
 
@@ -124,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mechmem.models import ModelLoadError
 
     args = _parser().parse_args(argv)
-    handlers = {"generate": _generate, "models": _models, "probe": _probe}
+    handlers = {"generate": _generate, "models": _models, "probe": _probe, "run": _run}
     try:
         return handlers[args.command](args)
     except (ValueError, ModelLoadError) as error:  # bad input: one clear line, no traceback

@@ -57,6 +57,11 @@ class StepContext:
         """1 where a new column holds a real token of its row."""
         return self.attention_mask[:, self.cache_length :]
 
+    @property
+    def key_position_ids(self) -> Int[Tensor, "batch total"]:
+        """Position ids the model sees for every cached and new column (``-1`` on padding)."""
+        return position_ids_from_mask(self.attention_mask)
+
     @classmethod
     def for_prefill(cls, attention_mask: Int[Tensor, "batch pos"]) -> StepContext:
         """The context of a plain forward over whole (left-padded) sequences with no cache.

@@ -9,7 +9,7 @@ from mechmem.probes.logit_delta import (
     logit_delta_by_layer,
 )
 from mechmem.probes.perplexity import PerplexityResult, perplexity
-#TMP from mechmem.probes.repetition import RepetitionMonitor, distinct_n, rep_n, self_bleu
+from mechmem.probes.repetition import RepetitionMonitor, distinct_n, rep_n, self_bleu
 from mechmem.probes.traces import TraceRecorder
 from mechmem.probes.twonn import TwoNNResult, twonn, twonn_bootstrap
 

@@ -21,7 +21,7 @@ import torch
 
 from mechmem.core.engine import forward
 from mechmem.core.intervention import Intervention, as_intervention_list
-from mechmem.core.tokens import encode_prompts, hf_tokenizer
+from mechmem.core.tokens import encode_prompts, hf_tokenizer, left_pad
 
 
 @dataclass
@@ -108,3 +108,38 @@ def perplexity(
         n_tokens=len(token_nll),
         n_windows=n_windows,
     )
+
+
+def continuation_nll(
+    model,
+    prompt_tokens: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Mean NLL (nats) per token of each continuation given its prompt, under the clean model.
+
+    The coherence measure of generated text: ``exp`` of it is the continuation's perplexity.
+    Rows with an empty continuation get NaN.
+
+    Example:
+        >>> continuation_nll(model, [[1, 2, 3]], [[4, 5]]).shape  # doctest: +SKIP
+        (1,)
+    """
+    if len(prompt_tokens) != len(continuations) or len(prompt_tokens) == 0:
+        raise ValueError("prompt_tokens and continuations must be non-empty and of equal length")
+    pad = hf_tokenizer(model).pad_token_id or 0
+    result = np.full(len(continuations), np.nan)
+    for start in range(0, len(continuations), batch_size):
+        rows = range(start, min(start + batch_size, len(continuations)))
+        sequences = [list(prompt_tokens[i]) + list(continuations[i]) for i in rows]
+        tokens, mask = left_pad(sequences, pad)
+        tokens, mask = tokens.to(model.cfg.device), mask.to(model.cfg.device)
+        log_probs = forward(model, tokens, [], attention_mask=mask).float().log_softmax(-1)
+        target_nll = -log_probs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+        width = tokens.shape[1]
+        for offset, i in enumerate(rows):
+            n = len(continuations[i])
+            if n:
+                result[i] = float(target_nll[offset, width - 1 - n :].mean())
+    return result

@@ -17,8 +17,10 @@ characters is not the usual measure.
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter, deque
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from functools import reduce
 from typing import Literal
 
 import numpy as np
@@ -34,11 +36,11 @@ def _check_n(n: int, name: str = "n") -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
 
-def _check_window(window: int | None, n: int, name: str = "window") -> None:
-    if window is None:
-        return
-    if isinstance(window, bool) or not isinstance(window, int) or window < n:
-        raise ValueError(f"{name} must be None or an integer >= n = {n}, got {window!r}")
+def _check_window(window: int | None, n: int) -> None:
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < n
+    ):
+        raise ValueError(f"window must be None or an integer >= n = {n}, got {window!r}")
 
 
 def _is_sequence(x: object) -> bool:
@@ -120,9 +122,11 @@ def distinct_n(seqs: TokenSeq | Sequence[TokenSeq], n: int = 2) -> float:
         0.6
     """
     _check_n(n)
-    if hasattr(seqs, "ndim") and hasattr(seqs, "tolist") and seqs.ndim == 2:
+    if not _is_sequence(seqs):
+        raise ValueError(f"seqs must be a sequence or a list of them, got {type(seqs).__name__}")
+    if hasattr(seqs, "tolist") and seqs.ndim == 2:
         seqs = seqs.tolist()
-    if _is_sequence(seqs) and len(seqs) == 0:
+    if len(seqs) == 0:
         raise ValueError("seqs is empty")
     if isinstance(seqs, str) or not any(_is_sequence(s) for s in seqs):
         sequences = [_items(seqs, "seqs")]
@@ -150,18 +154,18 @@ def _ngram_counts(tokens: Sequence[Hashable], max_n: int) -> list[Counter]:
 def _bleu_from_counts(
     candidate: list[Counter],
     length: int,
-    references: Sequence[list[Counter]],
+    ref_count: Callable[[int, tuple[Hashable, ...]], int],
     ref_lengths: Sequence[int],
     smoothing: Smoothing,
 ) -> float:
-    """Sentence BLEU from precomputed n-gram counts (see :func:`bleu`)."""
+    """Sentence BLEU (see :func:`bleu`) from the candidate's n-gram counts.
+
+    ``ref_count(order, gram)`` is the largest count of ``gram`` in any one reference.
+    """
     log_precisions = []
     for order, counts in enumerate(candidate, start=1):
         total = max(length - order + 1, 0)
-        clipped = sum(
-            min(count, max(ref[order - 1][gram] for ref in references))
-            for gram, count in counts.items()
-        )
+        clipped = sum(min(count, ref_count(order, gram)) for gram, count in counts.items())
         if smoothing == "add-one" and order > 1:
             clipped, total = clipped + 1, total + 1
         if clipped == 0:
@@ -217,10 +221,15 @@ def bleu(
         raise ValueError("references must be a non-empty sequence of references")
     tokens = _bleu_tokens(candidate, "candidate")
     refs = [_bleu_tokens(r, f"references[{i}]") for i, r in enumerate(references)]
+    # Counter union keeps the largest count of each n-gram over the references.
+    ref_max = [
+        reduce(operator.or_, orders)
+        for orders in zip(*(_ngram_counts(r, max_n) for r in refs), strict=True)
+    ]
     return _bleu_from_counts(
         _ngram_counts(tokens, max_n),
         len(tokens),
-        [_ngram_counts(r, max_n) for r in refs],
+        lambda order, gram: ref_max[order - 1][gram],
         [len(r) for r in refs],
         smoothing,
     )
@@ -231,8 +240,9 @@ def self_bleu(
 ) -> float:
     """Self-BLEU: the mean over samples of BLEU(sample_i, references = all other samples).
 
-    See :func:`bleu` for the BLEU variant and the smoothing. 1.0 for identical samples (at least
-    max_n tokens long); 0.0 for samples with pairwise disjoint vocabularies.
+    See :func:`bleu` for the BLEU variant and the smoothing. 1.0 for identical samples (with
+    ``smoothing="none"`` only if at least max_n tokens long); 0.0 for samples with pairwise
+    disjoint vocabularies.
 
     Args:
         samples: At least two samples: token id sequences, or strs split on whitespace.
@@ -255,13 +265,27 @@ def self_bleu(
     tokens = [_bleu_tokens(s, f"samples[{i}]") for i, s in enumerate(samples)]
     counts = [_ngram_counts(t, max_n) for t in tokens]
     lengths = [len(t) for t in tokens]
+    # Per n-gram: its largest count, the sample holding it, and the largest count in any other
+    # sample; so the best count among "all samples but i" is a lookup, not a scan of the samples.
+    top: list[dict[tuple[Hashable, ...], tuple[int, int, int]]] = [{} for _ in range(max_n)]
+    for i, sample_counts in enumerate(counts):
+        for table, order_counts in zip(top, sample_counts, strict=True):
+            for gram, count in order_counts.items():
+                best, owner, second = table.get(gram, (0, -1, 0))
+                table[gram] = (
+                    (count, i, best) if count > best else (best, owner, max(second, count))
+                )
+
+    def others(i: int) -> Callable[[int, tuple[Hashable, ...]], int]:
+        def ref_count(order: int, gram: tuple[Hashable, ...]) -> int:
+            best, owner, second = top[order - 1][gram]
+            return second if owner == i else best
+
+        return ref_count
+
     scores = [
         _bleu_from_counts(
-            counts[i],
-            lengths[i],
-            counts[:i] + counts[i + 1 :],
-            lengths[:i] + lengths[i + 1 :],
-            smoothing,
+            counts[i], lengths[i], others(i), lengths[:i] + lengths[i + 1 :], smoothing
         )
         for i in range(len(tokens))
     ]
@@ -293,9 +317,8 @@ class RepetitionMonitor:
     def __init__(self, n: int = 4, window: int = 1024, char_window: int = 4096) -> None:
         _check_n(n)
         for name, value in (("window", window), ("char_window", char_window)):
-            if value is None:
-                raise ValueError(f"{name} must be an integer >= n = {n}, got None")
-            _check_window(value, n, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < n:
+                raise ValueError(f"{name} must be an integer >= n = {n}, got {value!r}")
         self.n = n
         self.tokens: deque[int] = deque(maxlen=window)
         self.chars: deque[str] = deque(maxlen=char_window)

@@ -14,7 +14,6 @@ full n x n distance matrix) and :func:`fit_twonn` fits the ratios, so :func:`two
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,9 +107,12 @@ def _unique_rows(X: Float[Tensor, "n d"]) -> Float[Tensor, "m d"]:
 
 
 def _merge_topk(
-    best: Float[Tensor, "b k"], best_idx: Int[Tensor, "b k"], score: Float[Tensor, "b m"], offset: int
+    best: Float[Tensor, "b k"],
+    best_idx: Int[Tensor, "b k"],
+    score: Float[Tensor, "b m"],
+    offset: int,
 ) -> None:
-    """Fold the k smallest entries of ``score`` (columns offset..offset+m) into ``best``, in place."""
+    """Merge the k smallest entries of ``score`` (column j is point offset + j) into ``best``."""
     k = best.shape[1]
     values, idx = score.topk(min(k, score.shape[1]), dim=1, largest=False)
     values, order = torch.cat([best, values], dim=1).topk(k, dim=1, largest=False)
@@ -142,7 +144,7 @@ def _candidates(Y: Float[Tensor, "n d"], k: int, chunk_size: int) -> Int[Tensor,
                 for_cols = sq_norms[i0:i1, None] - 2.0 * gram
                 _merge_topk(best[j0:j1], best_idx[j0:j1], for_cols.T.contiguous(), i0)
             _merge_topk(best[i0:i1], best_idx[i0:i1], for_rows, j0)
-    return best_idx
+    return best, best_idx
 
 
 def twonn_ratios(

@@ -1,0 +1,289 @@
+"""Does DRµGS buy variety more cheaply than sampling? The variety–coherence experiment.
+
+DRµGS claims that noise inside the network, decoded greedily, gives more varied output that stays
+coherent. The claim is only meaningful against the obvious control: ordinary temperature / top-p
+sampling **at matched variety**. For every prompt, each arm generates one continuation per seed:
+
+- variety of an arm on a prompt: 1 − self-BLEU across its seeds' continuations (also distinct-2);
+- coherence: the perplexity of each continuation given its prompt under the clean model.
+
+The temperature arms trace a variety → perplexity frontier per prompt. Each DRµGS arm's perplexity
+is compared, prompt by prompt, with the temperature frontier interpolated at the DRµGS arm's own
+variety (prompts whose variety falls outside the frontier's range are left out and counted), and
+the mean log-perplexity difference is tested with an exact sign-flip permutation test.
+The per-layer divergence (1 − cos between clean and perturbed residual streams, by dose) shows how
+far each dose pushes the hidden states.
+
+Example:
+    >>> results = run_drugs(model, DrugsExperimentConfig(seeds=[0, 1]))  # doctest: +SKIP
+    >>> results["answer"]                                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from mechmem.core.config import Config, require
+from mechmem.core.engine import forward, generate
+from mechmem.core.hooks import attached
+from mechmem.core.tokens import encode_batch
+from mechmem.methods.drugs import SITES, Drugs
+from mechmem.methods.rotation import Direction
+from mechmem.probes.perplexity import continuation_nll
+from mechmem.probes.repetition import distinct_n, self_bleu
+from mechmem.stats import paired_permutation_test
+
+DEFAULT_PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Describe your ideal weekend.",
+    "Explain why the sky is blue.",
+    "Give me three ideas for a birthday party.",
+    "Write a poem about autumn.",
+    "What should I cook for dinner tonight?",
+    "Describe a city in the year 2200.",
+    "Tell me about an unusual animal.",
+]
+
+
+@dataclass
+class DrugsExperimentConfig(Config):
+    """Settings of :func:`run_drugs` (defaults finish in about 10 minutes on 2 CPU cores)."""
+
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    max_new_tokens: int = 40
+    chat: bool = True
+    sites: list[str] = field(default_factory=lambda: ["H", "A"])
+    doses: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.8])
+    direction: Direction = "faithful"
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9, 1.2])
+    top_ps: list[float] = field(default_factory=lambda: [0.9])
+    divergence_doses: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4, 0.8])
+    n_permutations: int = 10000
+
+    def validate(self) -> None:
+        require(len(self.prompts) >= 2, "prompts", "need at least two prompts for a paired test")
+        require(all(p for p in self.prompts), "prompts", "must be non-empty strings")
+        require(len(self.seeds) >= 2, "seeds", "need at least two seeds to measure variety")
+        require(len(set(self.seeds)) == len(self.seeds), "seeds", "must be distinct")
+        require(self.max_new_tokens >= 4, "max_new_tokens", "must be >= 4", self.max_new_tokens)
+        require(all(s in SITES for s in self.sites), "sites", f"each must be one of {SITES}")
+        require(all(0 < d <= 3.14159 for d in self.doses), "doses", "each must be in (0, pi]")
+        require(len(self.temperatures) >= 2, "temperatures", "need >= 2 to draw a frontier")
+        require(all(t > 0 for t in self.temperatures), "temperatures", "must be > 0")
+        require(all(0 < p <= 1 for p in self.top_ps), "top_ps", "must be in (0, 1]")
+        require(
+            all(0 < d <= 3.14159 for d in self.divergence_doses), "divergence_doses",
+            "each must be in (0, pi]",
+        )
+
+
+def _arms(config: DrugsExperimentConfig) -> list[dict[str, Any]]:
+    arms: list[dict[str, Any]] = [{"name": "greedy", "kind": "greedy"}]
+    for t in config.temperatures:
+        arms.append({"name": f"temperature {t:g}", "kind": "temperature", "temperature": t})
+    for p in config.top_ps:
+        arms.append({"name": f"top-p {p:g}", "kind": "top_p", "top_p": p})
+    for site in config.sites:
+        for dose in config.doses:
+            arms.append({"name": f"drugs {site} {dose:g}", "kind": "drugs", "site": site,
+                         "dose": dose})
+    return arms
+
+
+def _generate_arm(model, arm: dict, config: DrugsExperimentConfig, progress: bool):
+    rows = [(p, s) for p in config.prompts for s in config.seeds]
+    prompts = [p for p, _ in rows]
+    seeds = [s for _, s in rows]
+    common = dict(max_new_tokens=config.max_new_tokens, chat=config.chat, progress=progress)
+    if arm["kind"] == "greedy":
+        return generate(model, prompts, **common)
+    if arm["kind"] == "temperature":
+        return generate(model, prompts, do_sample=True, temperature=arm["temperature"],
+                        seed=seeds, **common)
+    if arm["kind"] == "top_p":
+        return generate(model, prompts, do_sample=True, top_p=arm["top_p"], seed=seeds, **common)
+    drugs = Drugs(sites=[arm["site"]], dose=arm["dose"], direction=config.direction,
+                  row_seeds=seeds)
+    return generate(model, prompts, [drugs], **common)
+
+
+def _arm_metrics(model, result, config: DrugsExperimentConfig) -> dict[str, Any]:
+    n_seeds = len(config.seeds)
+    nll = continuation_nll(model, result.prompt_tokens, result.tokens)
+    per_prompt = []
+    for index, prompt in enumerate(config.prompts):
+        rows = range(index * n_seeds, (index + 1) * n_seeds)
+        samples = [result.tokens[r] or [-1] for r in rows]
+        per_prompt.append({
+            "prompt": prompt,
+            "variety": 1.0 - self_bleu(samples),
+            "distinct_2": distinct_n(samples, 2),
+            "log_ppl": float(np.nanmean(nll[list(rows)])),
+            "texts": [result.text[r] for r in rows],
+        })
+    variety = np.array([p["variety"] for p in per_prompt])
+    log_ppl = np.array([p["log_ppl"] for p in per_prompt])
+    return {
+        "variety": float(variety.mean()),
+        "distinct_2": float(np.mean([p["distinct_2"] for p in per_prompt])),
+        "log_ppl": float(np.nanmean(log_ppl)),
+        "perplexity": float(np.exp(np.nanmean(log_ppl))),
+        "per_prompt": per_prompt,
+    }
+
+
+def _matched_comparison(metrics: dict[str, dict], config: DrugsExperimentConfig) -> list[dict]:
+    # Greedy decoding is the temperature -> 0 end of the sampling frontier.
+    temperature_arms = [n for n in metrics if n.startswith("temperature") or n == "greedy"]
+    comparisons = []
+    for name, arm in metrics.items():
+        if not name.startswith("drugs"):
+            continue
+        differences, outside = [], 0
+        for p_index, prompt_metrics in enumerate(arm["per_prompt"]):
+            frontier = sorted(
+                (metrics[t]["per_prompt"][p_index]["variety"],
+                 metrics[t]["per_prompt"][p_index]["log_ppl"])
+                for t in temperature_arms
+            )
+            varieties = np.array([v for v, _ in frontier])
+            log_ppls = np.array([lp for _, lp in frontier])
+            v = prompt_metrics["variety"]
+            if not (varieties[0] <= v <= varieties[-1]) or not np.isfinite(prompt_metrics["log_ppl"]):
+                outside += 1
+                continue
+            matched = float(np.interp(v, varieties, log_ppls))
+            differences.append(prompt_metrics["log_ppl"] - matched)
+        entry: dict[str, Any] = {"arm": name, "n_matched": len(differences), "n_outside": outside}
+        if len(differences) >= 2:
+            entry.update(paired_permutation_test(differences, config.n_permutations))
+            entry["verdict"] = _verdict(entry["mean"], entry["p_value"])
+        else:
+            entry["verdict"] = "not testable: too few prompts inside the temperature frontier"
+        comparisons.append(entry)
+    return comparisons
+
+
+def _verdict(mean: float, p_value: float) -> str:
+    if p_value >= 0.05:
+        return f"no significant difference from temperature sampling (p = {p_value:.3f})"
+    better = "more" if mean < 0 else "less"
+    return f"{better} coherent than temperature sampling at matched variety (p = {p_value:.3f})"
+
+
+def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> np.ndarray:
+    """Mean 1 − cos between clean and DRµGS-perturbed ``resid_post`` per layer, ``[dose, layer]``.
+
+    Noise at ``site`` on every layer, one prefill forward over ``prompts``; averaged over real
+    positions past the protected sinks.
+    """
+    tokens, mask = encode_batch(model, prompts)
+    n_layers = int(model.cfg.n_layers)
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+
+    def residuals(interventions) -> list[torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep(activation, hook):
+            captured[hook.name] = activation.detach()
+
+        with attached(model, [(name, keep) for name in names]):
+            forward(model, tokens, interventions, attention_mask=mask)
+        return [captured[model.hook_dict[name].name] for name in names]
+
+    clean = residuals([])
+    select = (mask.cumsum(-1) > 6) & mask.bool()
+    rows = []
+    for dose in doses:
+        noisy = residuals([Drugs(sites=[site], dose=dose, direction=direction)])
+        cos = [torch.nn.functional.cosine_similarity(c, n, dim=-1)[select].mean().item()
+               for c, n in zip(clean, noisy)]
+        rows.append([1.0 - value for value in cos])
+    return np.array(rows)
+
+
+def frontier_figure(metrics: dict[str, dict]) -> go.Figure:
+    """Variety (1 − self-BLEU) against perplexity, one marker per arm, sampling arms joined."""
+    fig = go.Figure()
+    groups = {"temperature": [], "top-p": [], "greedy": []}
+    for name, arm in metrics.items():
+        key = next((g for g in groups if name.startswith(g)), None)
+        if key is None:
+            key = name.rsplit(" ", 1)[0]
+            groups.setdefault(key, [])
+        groups[key].append((arm["variety"], arm["perplexity"], name))
+    for key, points in groups.items():
+        points.sort()
+        fig.add_scatter(
+            x=[p[0] for p in points], y=[p[1] for p in points], text=[p[2] for p in points],
+            mode="lines+markers" if key != "greedy" else "markers", name=key,
+        )
+    fig.update_layout(
+        title="DRµGS vs sampling: variety against coherence (lower perplexity = more coherent)",
+        xaxis_title="variety (1 − self-BLEU across seeds)",
+        yaxis_title="perplexity of the output under the clean model",
+    )
+    return fig
+
+
+def divergence_figure(divergence: np.ndarray, doses, site: str) -> go.Figure:
+    """1 − cos of hidden states per layer, one line per dose."""
+    fig = go.Figure()
+    for dose, row in zip(doses, divergence):
+        fig.add_scatter(y=row, mode="lines+markers", name=f"θ = {dose:g} rad")
+    fig.update_layout(title=f"Per-layer divergence from the clean run (noise at site {site})",
+                      xaxis_title="layer", yaxis_title="1 − cos(h_clean, h_noisy)")
+    return fig
+
+
+def run_drugs(
+    model, config: DrugsExperimentConfig | None = None, *, out: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the variety–coherence experiment; write ``drugs.json`` and HTML figures to ``out``.
+
+    Example:
+        >>> run_drugs(model, DrugsExperimentConfig(seeds=[0, 1]), out="results")  # doctest: +SKIP
+    """
+    config = config or DrugsExperimentConfig()
+    metrics = {}
+    for arm in _arms(config):
+        result = _generate_arm(model, arm, config, progress)
+        metrics[arm["name"]] = {**arm, **_arm_metrics(model, result, config)}
+    comparisons = _matched_comparison(metrics, config)
+    site = config.sites[0]
+    divergence = layer_divergence(
+        model, config.prompts, site, config.divergence_doses, config.direction
+    )
+    significant_better = [c["arm"] for c in comparisons if c["verdict"].startswith("more")]
+    answer = (
+        f"DRµGS arms more coherent than temperature sampling at matched variety: "
+        f"{significant_better or 'none'} (of {len(comparisons)} arms tested)."
+    )
+    results = {
+        "experiment": "drugs",
+        "config": config.to_dict(),
+        "model": str(model.cfg.model_name),
+        "arms": metrics,
+        "matched_variety": comparisons,
+        "divergence": {"site": site, "doses": config.divergence_doses,
+                       "one_minus_cos": divergence.tolist()},
+        "answer": answer,
+    }
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "drugs.json").write_text(json.dumps(results, indent=2))
+        frontier_figure(metrics).write_html(folder / "drugs_frontier.html", include_plotlyjs="cdn")
+        divergence_figure(divergence, config.divergence_doses, site).write_html(
+            folder / "drugs_divergence.html", include_plotlyjs="cdn"
+        )
+    return results

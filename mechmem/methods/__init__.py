@@ -1,0 +1,1 @@
+"""The five methods, each as mechmem interventions."""
