@@ -40,21 +40,33 @@ def _arms(model, batch: int, tokens: int, hook_layers: int):
 
     def hf_generate():
         hf.generate(
-            ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
 
     def bridge_generate():
         model.generate(
-            ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-            stop_at_eos=False, verbose=False, return_type="tokens",
+            ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            do_sample=False,
+            stop_at_eos=False,
+            verbose=False,
+            return_type="tokens",
         )
 
     def engine(interventions):
         def run():
             mechmem.generate(
-                model, [t[m.bool()].tolist() for t, m in zip(ids, mask)], interventions,
-                max_new_tokens=tokens, stop_at_eos=False,
+                model,
+                [t[m.bool()].tolist() for t, m in zip(ids, mask)],
+                interventions,
+                max_new_tokens=tokens,
+                stop_at_eos=False,
             )
 
         return run
@@ -83,7 +95,9 @@ def main() -> None:
         model = tiny_model(args.tiny, device=args.device or "cpu")
     else:
         model = mechmem.load_model(device=args.device)
-    print(f"model: {model.cfg.architecture}, {model.cfg.n_layers} layers, device {model.cfg.device}")
+    print(
+        f"model: {model.cfg.architecture}, {model.cfg.n_layers} layers, device {model.cfg.device}"
+    )
     print(f"torch threads: {torch.get_num_threads()}, new tokens per row: {args.tokens}")
 
     rates: dict[tuple[int, str], float] = {}

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None,
+        "--model",
+        default=None,
         help="model: omit for the embedded SmolLM2-135M-Instruct, or a .gguf file, an HF folder, "
         "or an HF hub name",
     )
@@ -55,8 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", choices=["drugs"])
     _add_model_args(run)
     run.add_argument("--config", default=None, help="JSON file of config overrides")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                     help="override one config field, e.g. --set 'seeds=[0,1]' (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override one config field, e.g. --set 'seeds=[0,1]' (repeatable)",
+    )
     run.add_argument("--out", default="results", help="output folder")
     run.add_argument("--progress", action="store_true", help="show progress bars")
 

@@ -128,7 +128,7 @@ def dequantise_gguf(gguf: Path) -> Path:
             f"transformers cannot read {gguf} ({error}). Only GGUF architectures that transformers "
             "can dequantise are supported; convert the model to a HuggingFace folder instead."
         ) from error
-    # The weights are now plain fp32 tensors; drop the GGUF quantisation marker so they can be saved.
+    # The weights are plain fp32 tensors now; drop the GGUF quantisation marker to save them.
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
@@ -162,12 +162,14 @@ def resolve_model_source(name: str | os.PathLike | None) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
-                f"{path} is a folder but holds no config.json: it is not a HuggingFace model folder."
+                f"{path} is a folder without config.json: not a HuggingFace model folder."
             )
         return "folder", str(path)
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1
     if looks_like_path or path.exists():
-        raise ModelLoadError(f"No model at {path}: give a .gguf file or a HuggingFace model folder.")
+        raise ModelLoadError(
+            f"No model at {path}: give a .gguf file or a HuggingFace model folder."
+        )
     return "hub", text
 
 
@@ -208,7 +210,8 @@ def load_hf(
     except OSError as error:
         if kind == "hub":
             raise ModelLoadError(
-                f"Could not load '{location}' from the HuggingFace hub ({error.__class__.__name__}: "
+                f"Could not load '{location}' from the HuggingFace hub "
+                f"({error.__class__.__name__}: "
                 f"{str(error).splitlines()[0][:200]}). It is not a local path either. Check the "
                 "name, or that the hub is reachable, or pass a local .gguf file or model folder; "
                 "omit the name for the embedded model."

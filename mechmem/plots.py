@@ -27,10 +27,20 @@ def logit_delta_figure(result: LogitDeltaResult, title: str = "Logit delta") -> 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_bar(x=labels, y=result.max_abs_delta, name="max |Δlogit|")
     fig.add_bar(x=labels, y=result.mean_abs_delta, name="mean |Δlogit|")
-    fig.add_scatter(x=labels, y=result.kl_forward, name="KL(P_int‖P_base)", mode="markers+lines",
-                    secondary_y=True)
-    fig.add_scatter(x=labels, y=result.kl_reverse, name="KL(P_base‖P_int)", mode="markers+lines",
-                    secondary_y=True)
+    fig.add_scatter(
+        x=labels,
+        y=result.kl_forward,
+        name="KL(P_int‖P_base)",
+        mode="markers+lines",
+        secondary_y=True,
+    )
+    fig.add_scatter(
+        x=labels,
+        y=result.kl_reverse,
+        name="KL(P_base‖P_int)",
+        mode="markers+lines",
+        secondary_y=True,
+    )
     fig.update_layout(title=title, barmode="group", xaxis_title="scored position")
     fig.update_yaxes(title_text="|Δlogit|", secondary_y=False)
     fig.update_yaxes(title_text="KL (nats)", secondary_y=True)
@@ -45,10 +55,16 @@ def layer_effect_figure(result: LayerEffectResult, title: str = "Effect by layer
     """
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     fig.add_scatter(x=result.layers, y=result.metric("mean_abs_delta"), name="mean |Δlogit|")
-    fig.add_scatter(x=result.layers, y=result.metric("kl_forward"), name="KL(P_int‖P_base)",
-                    secondary_y=True)
-    fig.add_scatter(x=result.layers, y=1 - result.metric("top1_agreement"),
-                    name="top-1 changed (fraction)", secondary_y=True, line={"dash": "dot"})
+    fig.add_scatter(
+        x=result.layers, y=result.metric("kl_forward"), name="KL(P_int‖P_base)", secondary_y=True
+    )
+    fig.add_scatter(
+        x=result.layers,
+        y=1 - result.metric("top1_agreement"),
+        name="top-1 changed (fraction)",
+        secondary_y=True,
+        line={"dash": "dot"},
+    )
     fig.update_layout(title=title, xaxis_title="layer")
     fig.update_yaxes(title_text="mean |Δlogit|", secondary_y=False)
     fig.update_yaxes(title_text="KL (nats) / fraction", secondary_y=True)
@@ -66,15 +82,21 @@ def id_profile_figure(profile: IDProfile, title: str | None = None) -> go.Figure
     fig.add_scatter(
         x=np.concatenate([layers, layers[::-1]]),
         y=np.concatenate([profile.ci_high, profile.ci_low[::-1]]),
-        fill="toself", line={"width": 0}, opacity=0.25, name="bootstrap CI", hoverinfo="skip",
+        fill="toself",
+        line={"width": 0},
+        opacity=0.25,
+        name="bootstrap CI",
+        hoverinfo="skip",
     )
     fig.add_scatter(x=layers, y=profile.dimension, mode="lines+markers", name="TwoNN ID")
     suggested = profile.suggest_layer()
     fig.add_vline(x=suggested, line_dash="dash", annotation_text=f"suggested layer {suggested}")
     fig.update_layout(
-        title=title or f"Intrinsic dimension by layer ({profile.hook}, {profile.pooling} pooling, "
+        title=title
+        or f"Intrinsic dimension by layer ({profile.hook}, {profile.pooling} pooling, "
         f"{profile.n_points} points)",
-        xaxis_title="layer", yaxis_title="intrinsic dimension",
+        xaxis_title="layer",
+        yaxis_title="intrinsic dimension",
     )
     return fig
 
@@ -82,7 +104,7 @@ def id_profile_figure(profile: IDProfile, title: str | None = None) -> go.Figure
 def trace_figure(
     traces: dict[str, np.ndarray], row: int = 0, title: str = "Activation traces"
 ) -> go.Figure:
-    """Lines for scalar traces (``[step, batch]``), a heatmap for vector ones (``[step, batch, k]``).
+    """Lines for scalar traces ``[step, batch]``, a heatmap for vector ones ``[step, batch, k]``.
 
     Example:
         >>> trace_figure(recorder.traces())  # doctest: +SKIP
@@ -120,7 +142,8 @@ def repetition_figure(
     fig = go.Figure()
     steps = [entry["step"] for entry in logs]
     for key in keys:
-        fig.add_scatter(x=steps, y=[entry.get(key) for entry in logs], mode="lines+markers",
-                        name=key)
+        fig.add_scatter(
+            x=steps, y=[entry.get(key) for entry in logs], mode="lines+markers", name=key
+        )
     fig.update_layout(title=title, xaxis_title="generated tokens", yaxis_title="value")
     return fig

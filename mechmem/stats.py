@@ -8,8 +8,8 @@ Example:
 from __future__ import annotations
 
 import itertools
-from math import comb
 from collections.abc import Sequence
+from math import comb
 
 import numpy as np
 

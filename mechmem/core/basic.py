@@ -76,12 +76,16 @@ class Steer(Intervention):
         d_model = int(model.cfg.d_model)
         if self.config.direction is not None:
             require(
-                len(self.config.direction) == d_model, "direction",
-                f"must have d_model = {d_model} entries", len(self.config.direction),
+                len(self.config.direction) == d_model,
+                "direction",
+                f"must have d_model = {d_model} entries",
+                len(self.config.direction),
             )
             direction = torch.tensor(self.config.direction, dtype=torch.float32)
         else:
-            direction = torch.randn(d_model, generator=torch.Generator().manual_seed(self.config.seed))
+            direction = torch.randn(
+                d_model, generator=torch.Generator().manual_seed(self.config.seed)
+            )
         direction = direction / direction.norm()
 
         def add(activation, hook):

@@ -27,12 +27,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechmem.core.context import Phase, StepContext, position_ids_from_mask
-from mechmem.core.hooks import HookSpec, attached
+from mechmem.core.hooks import HookSpec, attached, validate_hooks
 from mechmem.core.intervention import Intervention, as_intervention_list
 from mechmem.core.kv_cache import HookedKVCache, kv_hook_points
 from mechmem.core.result import GenerationResult
 from mechmem.core.sampling import Sampler
-from mechmem.core.tokens import encode_prompts, eos_token_ids, hf_tokenizer, left_pad
+from mechmem.core.tokens import (
+    check_token_ids,
+    encode_prompts,
+    eos_token_ids,
+    hf_tokenizer,
+    left_pad,
+)
 
 
 @dataclass
@@ -71,6 +77,19 @@ class _Gate:
             return fn(activation, hook=hook) if self.active else None
 
         return gated
+
+
+def check_interventions(model, interventions: Sequence[Intervention]) -> None:
+    """Resolve every hook of every intervention on ``model``; raise ``ValueError`` on the first bad
+    one. Attaches nothing and runs nothing.
+
+    Example:
+        >>> check_interventions(model, [Identity(layers=[99])])  # doctest: +SKIP
+        Traceback (most recent call last):
+        ValueError: layers: layer 99 is out of range; ...
+    """
+    for intervention in as_intervention_list(interventions):
+        validate_hooks(model, intervention.hooks(model))
 
 
 @contextmanager
@@ -195,6 +214,7 @@ def generate(
     progress: bool = False,
     reset: bool = True,
     return_logits: bool = False,
+    return_cache: bool = False,
 ) -> GenerationResult:
     """Generate from ``prompts`` with ``interventions`` hooked on ``model``.
 
@@ -219,6 +239,9 @@ def generate(
         progress: show a tqdm bar.
         reset: reset every intervention (state and generator) before starting.
         return_logits: keep each step's next-token logits in ``result.logits``.
+        return_cache: keep the final KV cache (a ``HookedKVCache``, clean of full-KV hook edits)
+            in ``result.cache``; it holds the columns fed to the model, i.e. every token but the
+            last generated one.
 
     Returns:
         A :class:`~mechmem.core.result.GenerationResult`.
@@ -231,11 +254,20 @@ def generate(
     items = as_intervention_list(interventions)
     sampler = Sampler(do_sample, temperature, top_k, top_p, repetition_penalty)
     tokenizer = hf_tokenizer(model)
+    if isinstance(prompts, Tensor):
+        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()]
     prompt_ids = encode_prompts(tokenizer, prompts, chat=chat, system_prompt=system_prompt)
+    check_token_ids(prompt_ids, int(model.cfg.d_vocab))
     batch = len(prompt_ids)
     prompt_length = max(len(ids) for ids in prompt_ids)
     _validate(
-        model, max_new_tokens, window, window_keep, clean_every, clean_tokens, callback_every,
+        model,
+        max_new_tokens,
+        window,
+        window_keep,
+        clean_every,
+        clean_tokens,
+        callback_every,
         prompt_length,
     )
     seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
@@ -326,6 +358,8 @@ def generate(
     result.n_clean_recomputes = run.n_clean
     if return_logits and step_logits:
         result.logits = torch.stack(step_logits, dim=1)
+    if return_cache:
+        result.cache = run.cache
     return result
 
 

@@ -77,7 +77,7 @@ class Intervention:
         self.reset()
 
     def hooks(self, model) -> list[HookSpec]:
-        """``(hook_name, fn)`` pairs to attach; raise ``ValueError`` if the model lacks something."""
+        """``(hook_name, fn)`` pairs to attach; ``ValueError`` if the model lacks something."""
         raise NotImplementedError
 
     def reset(self, device: torch.device | str | None = None) -> None:
@@ -95,7 +95,7 @@ class Intervention:
 
     @staticmethod
     def check_layer(model, layer: int, field: str = "layer") -> None:
-        """Raise ``ValueError`` naming ``field`` unless ``layer`` indexes one of the model's layers."""
+        """Raise ``ValueError`` naming ``field`` unless ``layer`` is one of the model's layers."""
         n_layers = model.cfg.n_layers
         if not isinstance(layer, int) or not 0 <= layer < n_layers:
             raise ValueError(

@@ -39,9 +39,7 @@ class KVHookPoints(torch.nn.Module):
     def __init__(self, n_layers: int) -> None:
         super().__init__()
         self.points = {
-            kv_hook_name(layer, site): HookPoint()
-            for layer in range(n_layers)
-            for site in KV_SITES
+            kv_hook_name(layer, site): HookPoint() for layer in range(n_layers) for site in KV_SITES
         }
         for name, point in self.points.items():
             point.name = name
@@ -80,5 +78,5 @@ class HookedKVCache(DynamicCache):
         point = self.hook_points.points.get(name)
         if point is None or not point._forward_hooks:
             return states
-        # HF layout [batch, heads, pos, d_head] <-> TransformerLens layout [batch, pos, heads, d_head].
+        # HF layout [batch, heads, pos, d_head] <-> TL layout [batch, pos, heads, d_head].
         return point(states.transpose(1, 2)).transpose(1, 2)

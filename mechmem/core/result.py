@@ -26,6 +26,7 @@ class GenerationResult:
         stop_reasons: per row ``"eos"``, ``"stop_string"`` or ``"length"``.
         logs: dicts returned by callbacks, in order.
         logits: ``[batch, steps, vocab]`` next-token logits when ``return_logits=True``.
+        cache: the final KV cache when ``return_cache=True``.
         n_reprefills: sliding-window re-prefills performed.
         n_clean_recomputes: clean cache recomputes performed.
         elapsed_s: wall time of prefill and decoding.
@@ -38,6 +39,7 @@ class GenerationResult:
     stop_reasons: list[str] = field(default_factory=list)
     logs: list[dict[str, Any]] = field(default_factory=list)
     logits: Tensor | None = None
+    cache: Any = None
     n_reprefills: int = 0
     n_clean_recomputes: int = 0
     elapsed_s: float = 0.0

@@ -45,7 +45,10 @@ class Sampler:
         )
         require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         require(
-            self.repetition_penalty > 0, "repetition_penalty", "must be > 0", self.repetition_penalty
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            "must be > 0",
+            self.repetition_penalty,
         )
 
     def process(

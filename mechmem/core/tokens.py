@@ -70,6 +70,20 @@ def encode_prompts(
     return encoded
 
 
+def check_token_ids(sequences: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raise ``ValueError`` naming the prompt and id unless every id is in ``[0, vocab_size)``.
+
+    Example:
+        >>> check_token_ids([[0, 5]], vocab_size=6)
+    """
+    for index, ids in enumerate(sequences):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompts[{index}]: token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+            )
+
+
 def left_pad(
     sequences: Sequence[Sequence[int]], pad_id: int, capacity: int | None = None
 ) -> tuple[Int[Tensor, "batch capacity"], Int[Tensor, "batch capacity"]]:
@@ -114,6 +128,7 @@ def encode_batch(model, prompts) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, 
     """
     tokenizer = hf_tokenizer(model)
     ids = encode_prompts(tokenizer, prompts)
+    check_token_ids(ids, int(model.cfg.d_vocab))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens, mask = left_pad(ids, pad)
     return tokens.to(model.cfg.device), mask.to(model.cfg.device)

@@ -80,7 +80,8 @@ class DrugsExperimentConfig(Config):
         require(all(t > 0 for t in self.temperatures), "temperatures", "must be > 0")
         require(all(0 < p <= 1 for p in self.top_ps), "top_ps", "must be in (0, 1]")
         require(
-            all(0 < d <= 3.14159 for d in self.divergence_doses), "divergence_doses",
+            all(0 < d <= 3.14159 for d in self.divergence_doses),
+            "divergence_doses",
             "each must be in (0, pi]",
         )
 
@@ -93,8 +94,9 @@ def _arms(config: DrugsExperimentConfig) -> list[dict[str, Any]]:
         arms.append({"name": f"top-p {p:g}", "kind": "top_p", "top_p": p})
     for site in config.sites:
         for dose in config.doses:
-            arms.append({"name": f"drugs {site} {dose:g}", "kind": "drugs", "site": site,
-                         "dose": dose})
+            arms.append(
+                {"name": f"drugs {site} {dose:g}", "kind": "drugs", "site": site, "dose": dose}
+            )
     return arms
 
 
@@ -106,12 +108,14 @@ def _generate_arm(model, arm: dict, config: DrugsExperimentConfig, progress: boo
     if arm["kind"] == "greedy":
         return generate(model, prompts, **common)
     if arm["kind"] == "temperature":
-        return generate(model, prompts, do_sample=True, temperature=arm["temperature"],
-                        seed=seeds, **common)
+        return generate(
+            model, prompts, do_sample=True, temperature=arm["temperature"], seed=seeds, **common
+        )
     if arm["kind"] == "top_p":
         return generate(model, prompts, do_sample=True, top_p=arm["top_p"], seed=seeds, **common)
-    drugs = Drugs(sites=[arm["site"]], dose=arm["dose"], direction=config.direction,
-                  row_seeds=seeds)
+    drugs = Drugs(
+        sites=[arm["site"]], dose=arm["dose"], direction=config.direction, row_seeds=seeds
+    )
     return generate(model, prompts, [drugs], **common)
 
 
@@ -122,13 +126,15 @@ def _arm_metrics(model, result, config: DrugsExperimentConfig) -> dict[str, Any]
     for index, prompt in enumerate(config.prompts):
         rows = range(index * n_seeds, (index + 1) * n_seeds)
         samples = [result.tokens[r] or [-1] for r in rows]
-        per_prompt.append({
-            "prompt": prompt,
-            "variety": 1.0 - self_bleu(samples),
-            "distinct_2": distinct_n(samples, 2),
-            "log_ppl": float(np.nanmean(nll[list(rows)])),
-            "texts": [result.text[r] for r in rows],
-        })
+        per_prompt.append(
+            {
+                "prompt": prompt,
+                "variety": 1.0 - self_bleu(samples),
+                "distinct_2": distinct_n(samples, 2),
+                "log_ppl": float(np.nanmean(nll[list(rows)])),
+                "texts": [result.text[r] for r in rows],
+            }
+        )
     variety = np.array([p["variety"] for p in per_prompt])
     log_ppl = np.array([p["log_ppl"] for p in per_prompt])
     return {
@@ -150,14 +156,18 @@ def _matched_comparison(metrics: dict[str, dict], config: DrugsExperimentConfig)
         differences, outside = [], 0
         for p_index, prompt_metrics in enumerate(arm["per_prompt"]):
             frontier = sorted(
-                (metrics[t]["per_prompt"][p_index]["variety"],
-                 metrics[t]["per_prompt"][p_index]["log_ppl"])
+                (
+                    metrics[t]["per_prompt"][p_index]["variety"],
+                    metrics[t]["per_prompt"][p_index]["log_ppl"],
+                )
                 for t in temperature_arms
             )
             varieties = np.array([v for v, _ in frontier])
             log_ppls = np.array([lp for _, lp in frontier])
             v = prompt_metrics["variety"]
-            if not (varieties[0] <= v <= varieties[-1]) or not np.isfinite(prompt_metrics["log_ppl"]):
+            if not (varieties[0] <= v <= varieties[-1]) or not np.isfinite(
+                prompt_metrics["log_ppl"]
+            ):
                 outside += 1
                 continue
             matched = float(np.interp(v, varieties, log_ppls))
@@ -204,8 +214,10 @@ def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> 
     rows = []
     for dose in doses:
         noisy = residuals([Drugs(sites=[site], dose=dose, direction=direction)])
-        cos = [torch.nn.functional.cosine_similarity(c, n, dim=-1)[select].mean().item()
-               for c, n in zip(clean, noisy)]
+        cos = [
+            torch.nn.functional.cosine_similarity(c, n, dim=-1)[select].mean().item()
+            for c, n in zip(clean, noisy)
+        ]
         rows.append([1.0 - value for value in cos])
     return np.array(rows)
 
@@ -223,8 +235,11 @@ def frontier_figure(metrics: dict[str, dict]) -> go.Figure:
     for key, points in groups.items():
         points.sort()
         fig.add_scatter(
-            x=[p[0] for p in points], y=[p[1] for p in points], text=[p[2] for p in points],
-            mode="lines+markers" if key != "greedy" else "markers", name=key,
+            x=[p[0] for p in points],
+            y=[p[1] for p in points],
+            text=[p[2] for p in points],
+            mode="lines+markers" if key != "greedy" else "markers",
+            name=key,
         )
     fig.update_layout(
         title="DRµGS vs sampling: variety against coherence (lower perplexity = more coherent)",
@@ -239,13 +254,19 @@ def divergence_figure(divergence: np.ndarray, doses, site: str) -> go.Figure:
     fig = go.Figure()
     for dose, row in zip(doses, divergence):
         fig.add_scatter(y=row, mode="lines+markers", name=f"θ = {dose:g} rad")
-    fig.update_layout(title=f"Per-layer divergence from the clean run (noise at site {site})",
-                      xaxis_title="layer", yaxis_title="1 − cos(h_clean, h_noisy)")
+    fig.update_layout(
+        title=f"Per-layer divergence from the clean run (noise at site {site})",
+        xaxis_title="layer",
+        yaxis_title="1 − cos(h_clean, h_noisy)",
+    )
     return fig
 
 
 def run_drugs(
-    model, config: DrugsExperimentConfig | None = None, *, out: str | Path | None = None,
+    model,
+    config: DrugsExperimentConfig | None = None,
+    *,
+    out: str | Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run the variety–coherence experiment; write ``drugs.json`` and HTML figures to ``out``.
@@ -274,8 +295,11 @@ def run_drugs(
         "model": str(model.cfg.model_name),
         "arms": metrics,
         "matched_variety": comparisons,
-        "divergence": {"site": site, "doses": config.divergence_doses,
-                       "one_minus_cos": divergence.tolist()},
+        "divergence": {
+            "site": site,
+            "doses": config.divergence_doses,
+            "one_minus_cos": divergence.tolist(),
+        },
         "answer": answer,
     }
     if out is not None:

@@ -30,8 +30,10 @@ def check_profile(points: Sequence[tuple[float, float]], field: str = "profile")
         require(ratio >= 0.0, field, "ratios must be >= 0", ratio)
     depths = [depth for depth, _ in points]
     require(
-        all(a < b for a, b in zip(depths, depths[1:])), field,
-        "points must be sorted by strictly increasing depth", depths,
+        all(a < b for a, b in zip(depths, depths[1:])),
+        field,
+        "points must be sorted by strictly increasing depth",
+        depths,
     )
 
 

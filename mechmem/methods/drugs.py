@@ -6,9 +6,9 @@ Five sites (the original's names in brackets), each hooked on every layer whose 
 | --- | --- | --- |
 | ``H`` (heroin) | attention input (after the block's norm) | ``blocks.{l}.attn.hook_in`` |
 | ``Q`` (quaaludes) | queries, before RoPE | ``blocks.{l}.attn.hook_q`` |
-| ``K`` (ketamine) | keys after RoPE, the **full** cached + new set | ``blocks.{l}.attn.hook_k_cached`` |
+| ``K`` (ketamine) | keys after RoPE, full cached + new set | ``blocks.{l}.attn.hook_k_cached`` |
 | ``V`` (valium) | values, the full cached + new set | ``blocks.{l}.attn.hook_v_cached`` |
-| ``A`` (adderall) | per-head attention outputs, before the output projection | ``blocks.{l}.attn.hook_z`` |
+| ``A`` (adderall) | per-head outputs, before the output projection | ``blocks.{l}.attn.hook_z`` |
 
 K and V noise is redrawn at every forward pass on what attention reads, never written into the cache
 (see :mod:`mechmem.core.kv_cache`). Each vector (a ``d_model`` vector for H, one ``d_head`` vector
@@ -93,8 +93,10 @@ class DrugsConfig(Config):
             require(len(self.row_seeds) > 0, "row_seeds", "must not be empty")
         if self.row_doses is not None and self.row_seeds is not None:
             require(
-                len(self.row_doses) == len(self.row_seeds), "row_seeds",
-                "must have as many entries as row_doses", self.row_seeds,
+                len(self.row_doses) == len(self.row_seeds),
+                "row_seeds",
+                "must have as many entries as row_doses",
+                self.row_seeds,
             )
 
 
@@ -112,7 +114,9 @@ class Drugs(Intervention):
     def layer_angles(self, n_layers: int) -> list[float]:
         """Peak angle θ_ℓ / dose of each layer: the profile at depth ℓ / L."""
         c = self.config
-        return [profile_ratio(c.profile, layer / n_layers, c.interpolation) for layer in range(n_layers)]
+        return [
+            profile_ratio(c.profile, layer / n_layers, c.interpolation) for layer in range(n_layers)
+        ]
 
     def begin_step(self, context) -> None:
         super().begin_step(context)
@@ -120,7 +124,9 @@ class Drugs(Intervention):
         c = self.config
         for name, values in (("row_doses", c.row_doses), ("row_seeds", c.row_seeds)):
             if values is not None and len(values) != batch:
-                raise ValueError(f"{name}: has {len(values)} entries but the batch has {batch} rows")
+                raise ValueError(
+                    f"{name}: has {len(values)} entries but the batch has {batch} rows"
+                )
         if len(self._row_generators) != batch:
             seeds = c.row_seeds or [c.seed] * batch
             self._row_generators = [
@@ -159,9 +165,12 @@ class Drugs(Intervention):
                     continue
                 vectors = activation[row, columns]
                 flat = vectors.reshape(-1, vectors.shape[-1])
-                theta = torch.rand(
-                    flat.shape[0], generator=generator, device=flat.device, dtype=flat.dtype
-                ) * angle
+                theta = (
+                    torch.rand(
+                        flat.shape[0], generator=generator, device=flat.device, dtype=flat.dtype
+                    )
+                    * angle
+                )
                 r = draw_directions(
                     tuple(flat.shape), self.config.direction, generator, flat.device, flat.dtype
                 )

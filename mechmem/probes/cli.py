@@ -47,13 +47,21 @@ def run_probe(args: argparse.Namespace) -> int:
 
         if args.layer is None:
             sweep = logit_delta_by_layer(model, args.prompt, steer)
-            _write(args.out, "logit_delta_by_layer", sweep.to_dict(),
-                   plots.layer_effect_figure(sweep, f"Random steering vector, norm {args.scale}"))
+            _write(
+                args.out,
+                "logit_delta_by_layer",
+                sweep.to_dict(),
+                plots.layer_effect_figure(sweep, f"Random steering vector, norm {args.scale}"),
+            )
         else:
             result = logit_delta(model, args.prompt, steer(args.layer), positions="last")
             print(json.dumps(result.summary(), indent=2))
-            _write(args.out, f"logit_delta_layer{args.layer}", result.to_dict(),
-                   plots.logit_delta_figure(result))
+            _write(
+                args.out,
+                f"logit_delta_layer{args.layer}",
+                result.to_dict(),
+                plots.logit_delta_figure(result),
+            )
         return 0
     if args.probe == "twonn":
         texts = default_texts()

@@ -91,9 +91,9 @@ def layer_representations(
             tokens, mask = encode_batch(model, list(texts[start : start + batch_size]))
             captured: dict[int, torch.Tensor] = {}
 
-            def capture(layer: int):
+            def capture(layer: int, into: dict[int, torch.Tensor] = captured):
                 def keep(activation, hook):
-                    captured[layer] = activation.detach().float()
+                    into[layer] = activation.detach().float()
 
                 return keep
 

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mechmem.core.engine import forward
+from mechmem.core.engine import check_interventions, forward
 from mechmem.core.intervention import Intervention, as_intervention_list
 from mechmem.core.tokens import encode_batch
 
@@ -63,8 +63,14 @@ class LogitDeltaResult:
         arrays = {
             name: getattr(self, name).tolist()
             for name in (
-                "row", "position", "max_abs_delta", "mean_abs_delta", "kl_forward",
-                "kl_reverse", "top1_agree", "topk_overlap",
+                "row",
+                "position",
+                "max_abs_delta",
+                "mean_abs_delta",
+                "kl_forward",
+                "kl_reverse",
+                "top1_agree",
+                "topk_overlap",
             )
         }
         return {"summary": self.summary(), "k": self.k, "meta": self.meta, **arrays}
@@ -81,7 +87,9 @@ def compare_logits(
         [1.0]
     """
     if base.shape != intervened.shape or base.ndim != 2:
-        raise ValueError(f"logit stacks must share a [n, vocab] shape: {base.shape} vs {intervened.shape}")
+        raise ValueError(
+            f"logit stacks must share a [n, vocab] shape: {base.shape} vs {intervened.shape}"
+        )
     base, intervened = base.float(), intervened.float()
     k = min(k, base.shape[-1])
     delta = (intervened - base).abs()
@@ -134,8 +142,7 @@ def logit_delta(
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: must be an integer >= 1, got {k!r}")
     tokens, mask = encode_batch(model, prompts)
-    for intervention in items:  # bad hooks or layers fail here, before any compute
-        intervention.hooks(model)
+    check_interventions(model, items)  # bad hooks or layers fail here, before any compute
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(tokens), batch_size):
         chunk, chunk_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
@@ -196,7 +203,7 @@ def logit_delta_by_layer(
         Intervention.check_layer(model, layer, "layers")
     interventions = [make_intervention(layer) for layer in layers]
     for intervention in interventions:
-        intervention.hooks(model)
+        check_interventions(model, [intervention])
     summaries = [
         logit_delta(model, prompts, intervention, positions=positions, k=k).summary()
         for intervention in interventions

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mechmem.core.engine import forward
+from mechmem.core.engine import check_interventions, forward
 from mechmem.core.intervention import Intervention, as_intervention_list
 from mechmem.core.tokens import encode_prompts, hf_tokenizer, left_pad
 
@@ -63,8 +63,7 @@ def perplexity(
 
     Args:
         window: tokens per forward pass (default: the model's context, capped at 1024).
-        stride: how far each window advances (default ``window // 2``); 1 <= stride <= window - 1
-            unless the text fits in one window.
+        stride: how far each window advances (default ``window // 2``), 1 <= stride <= window - 1.
 
     Example:
         >>> perplexity(model, list(range(50)), window=16, stride=8).n_tokens  # doctest: +SKIP
@@ -73,15 +72,14 @@ def perplexity(
     ids = encode_prompts(hf_tokenizer(model), [text])[0] if isinstance(text, str) else list(text)
     if len(ids) < 2 or not all(isinstance(t, int) for t in ids):
         raise ValueError("text: needs at least two tokens to score")
-    window = window or min(int(model.cfg.n_ctx), 1024)
+    window = min(int(model.cfg.n_ctx), 1024) if window is None else window
     if not isinstance(window, int) or not 2 <= window <= int(model.cfg.n_ctx):
         raise ValueError(f"window: must be an integer in [2, {model.cfg.n_ctx}], got {window!r}")
-    stride = stride or max(window // 2, 1)
+    stride = max(window // 2, 1) if stride is None else stride
     if not isinstance(stride, int) or not 1 <= stride <= window - 1:
         raise ValueError(f"stride: must be an integer in [1, window - 1], got {stride!r}")
     items = as_intervention_list(interventions)
-    for intervention in items:
-        intervention.hooks(model)
+    check_interventions(model, items)
 
     tokens = torch.tensor(ids, device=model.cfg.device)
     nll = torch.full((len(ids),), float("nan"), dtype=torch.float64)

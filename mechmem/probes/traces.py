@@ -59,9 +59,7 @@ def parse_reducer(spec: str) -> Reducer:
         if len(parts) == 3 and all(p.lstrip("-").isdigit() for p in parts[1:]):
             a, b = int(parts[1]), int(parts[2])
             return lambda x: x.flatten(1)[:, a:b].float()
-    raise ValueError(
-        f"reduce: unknown reducer {spec!r}; use 'norm', 'mean', 'none' or 'slice:a:b'"
-    )
+    raise ValueError(f"reduce: unknown reducer {spec!r}; use 'norm', 'mean', 'none' or 'slice:a:b'")
 
 
 class TraceRecorder(Intervention):

@@ -15,6 +15,7 @@ full n x n distance matrix) and :func:`fit_twonn` fits the ratios, so :func:`two
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Real
 
 import numpy as np
 import torch
@@ -23,8 +24,13 @@ from torch import Tensor
 
 METHODS = ("regression", "mle")
 
-# Neighbour candidates per point found in float32 and re-ranked with exact float64 distances.
-_N_CANDIDATES = 8
+# Neighbour candidates per point found in float32. The nearest few are measured exactly; the
+# others only for points whose float32 rounding-error bound cannot rule them out.
+_N_CANDIDATES = 16
+_N_MEASURED_FIRST = 4
+# Relative precision of float32 matmuls under torch.get_float32_matmul_precision() (fp32, TF32,
+# bf16), for the bound on the float32 search's rounding error.
+_FLOAT32_MATMUL_EPS = {"highest": 2.0**-23, "high": 2.0**-10, "medium": 2.0**-7}
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class TwoNNResult:
 
 
 def _check_fit_args(discard_fraction: float, method: str) -> None:
-    if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, (int, float)):
+    if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, Real):
         raise ValueError(f"discard_fraction must be a number, got {discard_fraction!r}")
     if not 0.0 <= discard_fraction < 1.0:
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction}")
@@ -120,13 +126,15 @@ def _merge_topk(
     best_idx.copy_(torch.cat([best_idx, idx + offset], dim=1).gather(1, order))
 
 
-def _candidates(Y: Float[Tensor, "n d"], k: int, chunk_size: int) -> Int[Tensor, "n k"]:
-    """Indices of each point's k nearest other points by float32 squared distance.
+def _candidates(
+    Y: Float[Tensor, "n d"], k: int, chunk_size: int
+) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
+    """Each point's k nearest other points by float32 score, with those (ascending) scores.
 
-    Distances are symmetric, so each Gram block Y_I @ Y_J.T (I <= J) ranks block J's points for
-    the queries in I and, transposed, block I's points for the queries in J: half the products
-    of a plain row-chunked search. For a fixed query a, ||b||^2 - 2ab ranks the points b like
-    ||a - b||^2, so the query's own norm is never added.
+    The score of b for query a is ||b||^2 - 2ab, which ranks the points b like ||a - b||^2
+    (it is ||a - b||^2 - ||a||^2). Distances are symmetric, so each Gram block Y_I @ Y_J.T
+    (I <= J) scores block J for the queries in I and, transposed, block I for the queries in J:
+    half the products of a plain row-chunked search.
     """
     n = len(Y)
     sq_norms = (Y * Y).sum(dim=1)
@@ -147,6 +155,34 @@ def _candidates(Y: Float[Tensor, "n d"], k: int, chunk_size: int) -> Int[Tensor,
     return best, best_idx
 
 
+def _score_error_bound(Y: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
+    """Per query a, a bound on |float32 score - exact score| over all b (see :func:`_candidates`).
+
+    (d + 4) * eps * (||a|| + max ||b||)^2 covers rounding Y to float32, the length-d float32 dot
+    products (|error| <= d * eps * ||a|| ||b||) and the subtraction.
+    """
+    norms = Y.norm(dim=1)
+    eps = _FLOAT32_MATMUL_EPS[torch.get_float32_matmul_precision()]
+    return (Y.shape[1] + 4) * eps * (norms + norms.max()) ** 2
+
+
+def _candidates_float64(
+    Y: Float[Tensor, "n d"], rows: Int[Tensor, " b"], k: int
+) -> Int[Tensor, "b k"]:
+    """The k nearest other points of ``Y[rows]``, scored in float64 against every point."""
+    score = torch.addmm((Y * Y).sum(dim=1).unsqueeze(0), Y[rows], Y.T, alpha=-2.0)
+    score[torch.arange(len(rows), device=Y.device), rows] = torch.inf
+    return score.topk(k, dim=1, largest=False).indices
+
+
+def _two_nearest(
+    X: Float[Tensor, "n d"], rows: Int[Tensor, " b"], candidates: Int[Tensor, "b k"]
+) -> Float[Tensor, "b 2"]:
+    """Exact distances from ``X[rows]`` to their two nearest candidates, ascending."""
+    exact = (X[rows].unsqueeze(1) - X[candidates]).norm(dim=2)
+    return exact.topk(2, dim=1, largest=False).values
+
+
 def twonn_ratios(
     X: Float[Tensor, "n d"] | Float[np.ndarray, "n d"],
     *,
@@ -156,12 +192,16 @@ def twonn_ratios(
     """Ratios mu = r2 / r1 of second to first nearest-neighbour Euclidean distances.
 
     Exact duplicate rows are removed first (their r1 would be 0 and mu undefined), so there is
-    one ratio per distinct point, in the order of each point's first occurrence in X. Neighbours
-    are searched in ``chunk_size`` x ``chunk_size`` blocks of the distance matrix, so memory is
-    O(chunk_size^2 + n * d), never n x n: each point's 8 nearest candidates are ranked in float32
-    on centred, rescaled data with the ||a||^2 + ||b||^2 - 2ab expansion, then re-ranked with
-    exact float64 distances ||a - b||, so float32 (or TF32) cancellation cannot bias r1 for
-    tightly clustered points.
+    one ratio per distinct point, in the order of each point's first occurrence in X.
+
+    Neighbours are searched in ``chunk_size`` x ``chunk_size`` blocks of the distance matrix
+    (memory O(chunk_size^2 + n * d), never n x n). Each point's 16 nearest candidates are
+    ranked in float32 on centred, rescaled data with the ||a||^2 + ||b||^2 - 2ab expansion, and
+    the distances to the best 4 are measured exactly in float64 as ||a - b||. A bound on the
+    float32 rounding error then checks that no unmeasured point can be nearer than the second
+    neighbour found; where it cannot, all 16 candidates are measured and checked again, and the
+    few points still in doubt (tight clusters far from the centroid, very dense low-dimensional
+    sets, TF32 or bf16 matmuls) are searched again in float64, as exact as scikit-learn.
 
     Args:
         X: Points, [n_points, n_features]; a torch tensor (any device) or numpy array.
@@ -186,14 +226,24 @@ def twonn_ratios(
         raise ValueError(f"too few points: TwoNN needs at least 3 distinct points, got {n}")
 
     centred = X - X.mean(dim=0)
-    candidates = _candidates(
-        (centred / centred.abs().max()).to(torch.float32), min(_N_CANDIDATES, n - 1), chunk_size
-    )
+    scale = centred.abs().max()
+    Y = centred / scale  # |coordinates| <= 1, so the float32 search cannot overflow
+    k = min(_N_CANDIDATES, n - 1)
+    scores, candidates = _candidates(Y.to(torch.float32), k, chunk_size)
+    sq_norms, bound = (Y * Y).sum(dim=1), _score_error_bound(Y)
     r = torch.empty(n, 2, dtype=torch.float64, device=X.device)
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        exact = (X[start:stop].unsqueeze(1) - X[candidates[start:stop]]).norm(dim=2)
-        r[start:stop] = exact.topk(2, dim=1, largest=False).values
+    unsure = torch.arange(n, device=X.device)
+    for width in sorted({min(_N_MEASURED_FIRST, k), k}):
+        for rows in unsure.split(chunk_size):
+            r[rows] = _two_nearest(X, rows, candidates[rows, :width])
+        if width == n - 1:  # every other point was measured
+            return r[:, 1] / r[:, 0]
+        # An unmeasured b scored >= floor in float32, so its exact score ||a - b||^2 - ||a||^2
+        # is >= floor - bound: it cannot be nearer than r2 when that exceeds r2^2 - ||a||^2.
+        floor = scores[unsure, min(width, k - 1)].to(torch.float64) - bound[unsure]
+        unsure = unsure[floor <= (r[unsure, 1] / scale) ** 2 - sq_norms[unsure]]
+    for rows in unsure.split(chunk_size):
+        r[rows] = _two_nearest(X, rows, _candidates_float64(Y, rows, k))
     return r[:, 1] / r[:, 0]
 
 
@@ -341,8 +391,8 @@ def twonn_bootstrap(
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if isinstance(ci, bool) or not isinstance(ci, Real) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a number in (0, 1), got {ci!r}")
     _check_fit_args(discard_fraction, method)
     mu = twonn_ratios(X, chunk_size=chunk_size, device=device).cpu().numpy()
     dimension = fit_twonn(mu, discard_fraction, method)

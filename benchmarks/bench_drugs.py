@@ -1,0 +1,74 @@
+"""Throughput of mechmem's engine with DRµGS on one site over 10 layers, against the same engine
+without it, measured in the same run (interleaved rounds, best round per arm).
+
+    python benchmarks/bench_drugs.py                     # embedded SmolLM2-135M
+    python benchmarks/bench_drugs.py --sites H K --batch 8
+    python benchmarks/bench_drugs.py --tiny llama        # smoke run on a tiny random model
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mechmem
+from mechmem.methods.drugs import Drugs
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=10, help="noisy layers (from the middle)")
+    parser.add_argument("--sites", nargs="+", default=["H", "Q", "K", "V", "A"])
+    parser.add_argument("--tiny", default=None)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+
+    if args.tiny:
+        from mechmem.tiny import tiny_model
+
+        model = tiny_model(args.tiny, device=args.device or "cpu")
+    else:
+        model = mechmem.load_model(device=args.device)
+    n = int(model.cfg.n_layers)
+    first = max(0, (n - args.layers) // 2)
+    last = min(n, first + args.layers)
+    # A floor profile that is 1 on layers [first, last) and 0 elsewhere.
+    profile = [(0.0, 0.0), (first / n, 1.0)] + ([(last / n, 0.0)] if last < n else [])
+    arms = {"no intervention": []}
+    for site in args.sites:
+        drugs = Drugs(sites=[site], dose=0.1, profile=profile, interpolation="floor")
+        arms[f"DRµGS {site} x{last - first} layers"] = [drugs]
+    prompts = [PROMPT] * args.batch
+
+    def run(interventions):
+        mechmem.generate(
+            model, prompts, interventions, max_new_tokens=args.tokens, stop_at_eos=False
+        )
+
+    for interventions in arms.values():
+        run(interventions)  # warm-up
+    best = {name: float("inf") for name in arms}
+    for _ in range(args.repeats):
+        for name, interventions in arms.items():
+            start = time.perf_counter()
+            run(interventions)
+            best[name] = min(best[name], time.perf_counter() - start)
+    base = args.batch * args.tokens / best["no intervention"]
+    print(
+        f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
+        f"device {model.cfg.device}"
+    )
+    print(f"{'arm':<28} {'tok/s':>8} {'ratio':>7}")
+    for name, seconds in best.items():
+        rate = args.batch * args.tokens / seconds
+        print(f"{name:<28} {rate:8.2f} {rate / base:7.3f}")
+    print("bar: DRµGS on one site over 10 layers >= 0.9x the engine without it")
+
+
+if __name__ == "__main__":
+    main()

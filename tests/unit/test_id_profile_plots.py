@@ -1,0 +1,218 @@
+"""id_profile / layer_representations and the plotly figures of every probe result."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from mechmem.core.basic import Steer
+from mechmem.core.engine import generate
+from mechmem.plots import (
+    id_profile_figure,
+    layer_effect_figure,
+    logit_delta_figure,
+    repetition_figure,
+    trace_figure,
+)
+from mechmem.probes.cli import default_texts
+from mechmem.probes.id_profile import IDProfile, id_profile, layer_representations
+from mechmem.probes.logit_delta import logit_delta, logit_delta_by_layer
+from mechmem.probes.traces import TraceRecorder
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return default_texts()
+
+
+@pytest.fixture(scope="module")
+def profile(tiny, texts) -> IDProfile:
+    return id_profile(tiny("llama"), texts, pooling="mean", n_boot=30)
+
+
+# ---------------------------------------------------------------- id_profile
+
+
+def test_default_texts():
+    texts = default_texts()
+    assert len(texts) == 64
+    assert all(isinstance(t, str) and t for t in texts)
+
+
+def test_one_finite_id_per_layer_inside_its_interval(tiny, texts, profile):
+    n_layers = int(tiny("llama").cfg.n_layers)
+    assert profile.layers == list(range(n_layers))
+    for values in (profile.dimension, profile.ci_low, profile.ci_high):
+        assert values.shape == (n_layers,)
+        assert np.isfinite(values).all()
+    assert (profile.dimension > 0).all()
+    assert (profile.ci_low <= profile.dimension).all()
+    assert (profile.dimension <= profile.ci_high).all()
+    assert profile.n_points == len(texts)
+    assert profile.hook == "hook_resid_post"
+    assert profile.pooling == "mean"
+    data = profile.to_dict()
+    assert data["suggested_layer"] == profile.suggest_layer()
+    assert len(data["dimension"]) == n_layers
+
+
+def test_profile_is_seeded(tiny, texts, profile):
+    again = id_profile(tiny("llama"), texts, pooling="mean", n_boot=30)
+    np.testing.assert_array_equal(again.dimension, profile.dimension)
+    np.testing.assert_array_equal(again.ci_low, profile.ci_low)
+
+
+def test_suggest_layer_skips_the_first_fifth():
+    dimension = np.array([1.0, 2.0, 9.0, 8.0, 3.0, 7.0, 6.0, 5.0, 4.0, 10.0])
+    profile = IDProfile(
+        layers=list(range(10)),
+        dimension=dimension,
+        ci_low=dimension - 1,
+        ci_high=dimension + 1,
+        n_points=50,
+        hook="hook_resid_post",
+        pooling="mean",
+    )
+    assert profile.suggest_layer() == 4  # layers 0 and 1 (lower IDs) are excluded
+    assert profile.suggest_layer(0.0) == 0
+    assert profile.suggest_layer(0.5) == 8
+    shifted = IDProfile(**{**profile.__dict__, "layers": list(range(10, 20))})
+    assert shifted.suggest_layer() == 14  # returns the layer, not the index
+    with pytest.raises(ValueError, match="skip_fraction"):
+        profile.suggest_layer(1.0)
+    with pytest.raises(ValueError, match="skip_fraction"):
+        profile.suggest_layer(-0.1)
+
+
+def test_suggest_layer_on_a_real_profile_excludes_the_first_fifth(profile):
+    start = int(np.ceil(0.2 * len(profile.layers)))
+    suggested = profile.suggest_layer()
+    assert suggested in profile.layers[start:]
+    assert profile.dimension[profile.layers.index(suggested)] == profile.dimension[start:].min()
+
+
+def test_pooling_sizes(tiny):
+    model = tiny("llama")
+    texts = ["hello there", "a", "the cat sat"]
+    lengths = [len(model.hf_tokenizer(t).input_ids) for t in texts]
+    d_model = int(model.cfg.d_model)
+    mean = layer_representations(model, texts, pooling="mean")
+    tokens = layer_representations(model, texts, pooling="tokens")
+    last = layer_representations(model, texts, pooling="last", layers=[1])
+    assert set(mean) == set(range(int(model.cfg.n_layers)))
+    assert mean[0].shape == (3, d_model)
+    assert tokens[0].shape == (sum(lengths), d_model)
+    assert tokens[0].shape[0] > mean[0].shape[0]
+    assert list(last) == [1]
+    # padding never leaks: every pooled value equals that of the text run alone
+    for index, text in enumerate(texts):
+        alone = layer_representations(model, [text], pooling="tokens", layers=[1])[1]
+        torch.testing.assert_close(alone.mean(0), mean[1][index], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(alone[-1], last[1][index], rtol=1e-4, atol=1e-4)
+
+
+def test_tokens_pooling_gives_more_points(tiny, texts):
+    model = tiny("llama")
+    by_token = id_profile(model, texts[:16], pooling="tokens", layers=[0, 2], n_boot=10)
+    by_text = id_profile(model, texts[:16], pooling="mean", layers=[0, 2], n_boot=10)
+    assert by_token.layers == [0, 2]
+    assert by_token.n_points > by_text.n_points == 16
+
+
+@pytest.mark.parametrize(
+    ("texts", "kwargs", "match"),
+    [
+        ([], {}, "texts"),
+        ("just one string", {}, "texts"),
+        (["a b", "c d"], {"pooling": "max"}, "pooling"),
+        (["a b", "c d"], {"hook": "hook_nope"}, "hook_nope"),
+        (["a b", "c d"], {"layers": [7]}, "out of range"),
+    ],
+)
+def test_id_profile_rejects_bad_input(tiny, texts, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        id_profile(tiny("llama"), texts, **kwargs)
+
+
+def test_missing_hook_error_comes_from_hook_resolution(tiny):
+    from mechmem.core import hooks
+
+    with pytest.raises(ValueError) as caught:
+        layer_representations(tiny("llama"), ["a b"], hook="hook_nope")
+    frames = [entry.frame.f_globals.get("__name__") for entry in caught.traceback]
+    assert hooks.__name__ in frames
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_logit_delta_figure(tiny):
+    result = logit_delta(tiny("llama"), ["ab", "cde"], Steer(layer=0, scale=3.0), positions="all")
+    fig = logit_delta_figure(result, title="t")
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 4
+    assert len(fig.data[0].x) == len(result.row)
+    assert fig.layout.title.text == "t"
+
+
+def test_layer_effect_figure(tiny):
+    sweep = logit_delta_by_layer(tiny("llama"), "ab", lambda layer: Steer(layer=layer, scale=3.0))
+    fig = layer_effect_figure(sweep)
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 3
+    assert list(fig.data[0].x) == sweep.layers
+
+
+def test_id_profile_figure(profile):
+    fig = id_profile_figure(profile)
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 2  # the CI band and the ID line
+    assert list(fig.data[1].y) == pytest.approx(profile.dimension.tolist())
+    assert len(fig.layout.shapes) == 1  # the suggested-layer marker
+    assert fig.layout.shapes[0].x0 == profile.suggest_layer()
+
+
+def test_trace_figure_lines_for_scalar_traces(tiny):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    recorder = TraceRecorder(hooks=hooks, reduce="norm")
+    generate(tiny("llama"), ["ab", "cd"], [recorder], max_new_tokens=5, stop_at_eos=False)
+    fig = trace_figure(recorder.traces(), row=1)
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 2
+    assert all(isinstance(trace, go.Scatter) for trace in fig.data)
+    np.testing.assert_allclose(fig.data[0].y, recorder.traces()[hooks[0]][:, 1])
+
+
+def test_trace_figure_heatmap_for_a_vector_trace(tiny):
+    hook = "blocks.0.hook_resid_post"
+    recorder = TraceRecorder(hooks=[hook], reduce="slice:0:8")
+    generate(tiny("llama"), "ab", [recorder], max_new_tokens=5, stop_at_eos=False)
+    fig = trace_figure(recorder.traces())
+    assert len(fig.data) == 1
+    assert isinstance(fig.data[0], go.Heatmap)
+    assert np.asarray(fig.data[0].z).shape == (8, 5)  # component x step
+
+
+def test_trace_figure_mixed_traces():
+    traces = {"a": np.ones((4, 1)), "b": np.ones((4, 1, 3)), "c": np.ones((4, 1, 2))}
+    fig = trace_figure(traces)
+    assert len(fig.data) == 3
+    assert all(isinstance(trace, go.Scatter) for trace in fig.data)
+    np.testing.assert_allclose(fig.data[1].y, np.sqrt(3.0))
+
+
+def test_repetition_figure():
+    logs = [{"step": 10, "rep_n_token": 0.1, "d": 1}, {"step": 20, "rep_n_token": 0.3, "d": 2}]
+    fig = repetition_figure(logs, keys=["rep_n_token", "d"])
+    assert isinstance(fig, go.Figure)
+    assert len(fig.data) == 2
+    assert list(fig.data[0].x) == [10, 20]
+
+
+def test_figures_reject_empty_input():
+    with pytest.raises(ValueError, match="traces"):
+        trace_figure({})
+    with pytest.raises(ValueError, match="logs"):
+        repetition_figure([])
