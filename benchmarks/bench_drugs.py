@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from common import add_model_args, model_from_args
+
 import mechmem
 from mechmem.methods.drugs import Drugs
 
@@ -24,16 +26,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=10, help="noisy layers (from the middle)")
     parser.add_argument("--sites", nargs="+", default=["H", "Q", "K", "V", "A"])
-    parser.add_argument("--tiny", default=None)
-    parser.add_argument("--device", default=None)
+    add_model_args(parser)
     args = parser.parse_args()
 
-    if args.tiny:
-        from mechmem.tiny import tiny_model
-
-        model = tiny_model(args.tiny, device=args.device or "cpu")
-    else:
-        model = mechmem.load_model(device=args.device)
+    model = model_from_args(args)
     n = int(model.cfg.n_layers)
     first = max(0, (n - args.layers) // 2)
     last = min(n, first + args.layers)

@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from common import add_model_args, model_from_args
 
 import mechmem
 from mechmem.core.tokens import hf_tokenizer, left_pad
@@ -85,16 +86,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--hook-layers", type=int, default=10)
-    parser.add_argument("--tiny", default=None, help="use a tiny random model of this family")
-    parser.add_argument("--device", default=None)
+    add_model_args(parser)
     args = parser.parse_args()
 
-    if args.tiny:
-        from mechmem.tiny import tiny_model
-
-        model = tiny_model(args.tiny, device=args.device or "cpu")
-    else:
-        model = mechmem.load_model(device=args.device)
+    model = model_from_args(args)
     print(
         f"model: {model.cfg.architecture}, {model.cfg.n_layers} layers, device {model.cfg.device}"
     )

@@ -135,3 +135,37 @@ def tiny_model(
     from mechmem.models import bridge_from_hf
 
     return bridge_from_hf(*tiny_hf_model(architecture, seed=seed), device=device)
+
+
+def smollm2_shaped_model(*, seed: int = 0, device: str | None = None) -> TransformerBridge:
+    """A random-weight Llama of SmolLM2-135M's exact shape (30 layers, d 576, 9/3 heads, vocab
+    49152), for throughput measurements where real weights cannot travel (e.g. a GPU machine).
+
+    Its tokenizer is the byte tokenizer: ids above 258 decode to nothing.
+
+    Example:
+        >>> smollm2_shaped_model(device="cpu").cfg.n_layers  # doctest: +SKIP
+        30
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mechmem.models import bridge_from_hf
+
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    return bridge_from_hf(model, tokenizer, device=device)

@@ -8,5 +8,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check mechmem tests benchmarks
-python -m pytest tests -q -p no:cacheprovider
-python -m pytest --nbmake notebooks -q -p no:cacheprovider
+python -m pytest tests notebooks --nbmake -q -p no:cacheprovider

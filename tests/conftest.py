@@ -20,7 +20,15 @@ from mechmem.tiny import ARCHITECTURES, tiny_model  # noqa: E402
 
 # The tiny models are far too small to gain from intra-op threads, and on a busy machine
 # several threads per process slow every forward down badly. MECHMEM_TEST_THREADS overrides.
-torch.set_num_threads(int(os.environ.get("MECHMEM_TEST_THREADS", "1")))
+_DEFAULT_THREADS = torch.get_num_threads()
+_TINY_THREADS = int(os.environ.get("MECHMEM_TEST_THREADS", "1"))
+torch.set_num_threads(_TINY_THREADS)
+
+
+def pytest_runtest_setup(item):
+    """Integration tests run the 135M embedded model, which does gain from every core."""
+    integration = item.get_closest_marker("integration") is not None
+    torch.set_num_threads(_DEFAULT_THREADS if integration else _TINY_THREADS)
 
 
 @pytest.fixture(scope="session")

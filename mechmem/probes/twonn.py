@@ -129,37 +129,38 @@ def _merge_topk(
 def _candidates(
     Y: Float[Tensor, "n d"], k: int, chunk_size: int
 ) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
-    """Each point's k nearest other points by float32 score, with those (ascending) scores.
+    """Each point's k nearest other points by float32 squared distance, with those distances.
 
-    The score of b for query a is ||b||^2 - 2ab, which ranks the points b like ||a - b||^2
-    (it is ||a - b||^2 - ||a||^2). Distances are symmetric, so each Gram block Y_I @ Y_J.T
-    (I <= J) scores block J for the queries in I and, transposed, block I for the queries in J:
+    One matmul of augmented rows gives squared distances directly:
+    [a, ||a||^2, 1] . [-2b, 1, ||b||^2] = ||a - b||^2. The distance matrix is symmetric, so each
+    block (I, J) with I <= J serves the queries in I (rows) and, transposed, those in J (columns):
     half the products of a plain row-chunked search.
     """
     n = len(Y)
-    sq_norms = (Y * Y).sum(dim=1)
+    sq_norms = (Y * Y).sum(dim=1, keepdim=True)
+    ones = torch.ones_like(sq_norms)
+    left = torch.cat([Y, sq_norms, ones], dim=1)
+    right = torch.cat([-2.0 * Y, ones, sq_norms], dim=1)
     best = torch.full((n, k), torch.inf, dtype=Y.dtype, device=Y.device)
     best_idx = torch.zeros((n, k), dtype=torch.long, device=Y.device)
     for i0 in range(0, n, chunk_size):
         i1 = min(i0 + chunk_size, n)
         for j0 in range(i0, n, chunk_size):
             j1 = min(j0 + chunk_size, n)
-            gram = Y[i0:i1] @ Y[j0:j1].T
-            for_rows = sq_norms[j0:j1] - 2.0 * gram
+            dist = left[i0:i1] @ right[j0:j1].T
             if i0 == j0:
-                for_rows.fill_diagonal_(torch.inf)
+                dist.fill_diagonal_(torch.inf)
             else:
-                for_cols = sq_norms[i0:i1, None] - 2.0 * gram
-                _merge_topk(best[j0:j1], best_idx[j0:j1], for_cols.T.contiguous(), i0)
-            _merge_topk(best[i0:i1], best_idx[i0:i1], for_rows, j0)
+                _merge_topk(best[j0:j1], best_idx[j0:j1], dist.T.contiguous(), i0)
+            _merge_topk(best[i0:i1], best_idx[i0:i1], dist, j0)
     return best, best_idx
 
 
 def _score_error_bound(Y: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
-    """Per query a, a bound on |float32 score - exact score| over all b (see :func:`_candidates`).
+    """Per query a, a bound on the float32 squared distance's error, over all b.
 
-    (d + 4) * eps * (||a|| + max ||b||)^2 covers rounding Y to float32, the length-d float32 dot
-    products (|error| <= d * eps * ||a|| ||b||) and the subtraction.
+    (d + 4) * eps * (||a|| + max ||b||)^2 covers rounding Y and the squared norms to float32 and
+    the length-(d + 2) float32 dot product of :func:`_candidates`.
     """
     norms = Y.norm(dim=1)
     eps = _FLOAT32_MATMUL_EPS[torch.get_float32_matmul_precision()]
@@ -225,12 +226,12 @@ def twonn_ratios(
     if n < 3:
         raise ValueError(f"too few points: TwoNN needs at least 3 distinct points, got {n}")
 
-    centred = X - X.mean(dim=0)
-    scale = centred.abs().max()
-    Y = centred / scale  # |coordinates| <= 1, so the float32 search cannot overflow
+    Y = X - X.mean(dim=0)
+    scale = Y.abs().max()
+    Y /= scale  # |coordinates| <= 1, so the float32 search cannot overflow
     k = min(_N_CANDIDATES, n - 1)
     scores, candidates = _candidates(Y.to(torch.float32), k, chunk_size)
-    sq_norms, bound = (Y * Y).sum(dim=1), _score_error_bound(Y)
+    bound = _score_error_bound(Y)
     r = torch.empty(n, 2, dtype=torch.float64, device=X.device)
     unsure = torch.arange(n, device=X.device)
     for width in sorted({min(_N_MEASURED_FIRST, k), k}):
@@ -238,10 +239,10 @@ def twonn_ratios(
             r[rows] = _two_nearest(X, rows, candidates[rows, :width])
         if width == n - 1:  # every other point was measured
             return r[:, 1] / r[:, 0]
-        # An unmeasured b scored >= floor in float32, so its exact score ||a - b||^2 - ||a||^2
-        # is >= floor - bound: it cannot be nearer than r2 when that exceeds r2^2 - ||a||^2.
+        # Every unmeasured b has a float32 squared distance >= floor, so an exact one
+        # >= floor - bound: it cannot be nearer than r2 when that exceeds r2^2.
         floor = scores[unsure, min(width, k - 1)].to(torch.float64) - bound[unsure]
-        unsure = unsure[floor <= (r[unsure, 1] / scale) ** 2 - sq_norms[unsure]]
+        unsure = unsure[floor <= (r[unsure, 1] / scale) ** 2]
     for rows in unsure.split(chunk_size):
         r[rows] = _two_nearest(X, rows, _candidates_float64(Y, rows, k))
     return r[:, 1] / r[:, 0]

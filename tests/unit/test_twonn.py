@@ -84,8 +84,10 @@ def test_periodic_cube_d10_recovers_dimension() -> None:
     assert abs(estimate - 10) <= 1.0, estimate
 
 
-@pytest.mark.parametrize(("kind", "d"), [("cube", 2), ("cube", 5), ("cube", 10), ("sphere", 5)])
+@pytest.mark.parametrize("kind", ["cube", "sphere"])
+@pytest.mark.parametrize("d", [2, 5, 10])
 def test_agrees_with_skdim_within_2_percent(kind: str, d: int) -> None:
+    # The d=10 cube included: skdim shows the same edge-effect bias.
     skdim = pytest.importorskip("skdim")
     X = manifold(kind, d)
     reference = skdim.id.TwoNN(discard_fraction=0.1).fit(X).dimension_
