@@ -156,27 +156,26 @@ class Drugs(Intervention):
             if context is None or (self.config.protect_inputs and context.phase == "prefill"):
                 return None
             position_ids = context.key_position_ids if full_set else context.position_ids
-            eligible = position_ids >= self.config.protect_first
-            out = None
-            for row, (dose, generator) in enumerate(zip(self._doses, self._row_generators)):
-                angle = dose * ratio
-                columns = eligible[row].nonzero().flatten()
-                if angle == 0.0 or len(columns) == 0:
-                    continue
-                vectors = activation[row, columns]
-                flat = vectors.reshape(-1, vectors.shape[-1])
-                theta = (
-                    torch.rand(
-                        flat.shape[0], generator=generator, device=flat.device, dtype=flat.dtype
-                    )
-                    * angle
-                )
-                r = draw_directions(
-                    tuple(flat.shape), self.config.direction, generator, flat.device, flat.dtype
-                )
-                if out is None:
-                    out = activation.clone()
-                out[row, columns] = rotate(flat, theta, r).reshape(vectors.shape)
+            angles = torch.tensor(self._doses, device=activation.device) * ratio
+            eligible = (position_ids >= self.config.protect_first) & (angles[:, None] > 0)
+            counts = eligible.sum(-1).tolist()
+            if not any(counts):
+                return None
+            # Each row draws from its own generator (its noise must not depend on the rest of the
+            # batch); the rotation itself runs once over every eligible vector of the batch.
+            vectors = activation[eligible]  # [n_eligible, (heads,) d]
+            per_column = vectors[..., 0].numel() // sum(counts)
+            d = vectors.shape[-1]
+            thetas, directions = [], []
+            for row, count in enumerate(counts):
+                if count:
+                    n, generator = count * per_column, self._row_generators[row]
+                    draw = dict(generator=generator, device=vectors.device, dtype=vectors.dtype)
+                    thetas.append(torch.rand(n, **draw) * angles[row])
+                    directions.append(draw_directions((n, d), self.config.direction, **draw))
+            rotated = rotate(vectors.reshape(-1, d), torch.cat(thetas), torch.cat(directions))
+            out = activation.clone()
+            out[eligible] = rotated.reshape(vectors.shape)
             return out
 
         return perturb
