@@ -404,3 +404,25 @@ class RepetitionMonitor:
         if drift is not None:
             line += f" | drift = {drift:.4f}"
         return line
+
+    def callback(self, row: int = 0, *, with_text: bool = True):
+        """A ``generate(callbacks=[...])`` function that feeds this monitor row ``row``'s new
+        tokens (and their text) at every call and returns the record for the engine's logs.
+
+        Example:
+            >>> monitor = RepetitionMonitor(n=4, window=512)
+            >>> result = generate(model, "Hi", max_new_tokens=300,               # doctest: +SKIP
+            ...                   callbacks=[monitor.callback()], callback_every=100)
+            >>> [entry["step"] for entry in result.logs]                         # doctest: +SKIP
+            [100, 200, 300]
+        """
+        fed = [0]
+
+        def log(progress) -> dict[str, float | int]:
+            new = progress.generated[row][fed[0] :]
+            text = progress.tokenizer.decode(new, skip_special_tokens=True) if with_text else None
+            self.update(new, text=text)
+            fed[0] += len(new)
+            return self.record(progress.step)
+
+        return log

@@ -295,3 +295,23 @@ def test_monitor_bad_update_raises(tokens: object, text: object, message: str) -
 def test_monitor_bad_step_raises() -> None:
     with pytest.raises(ValueError, match="step"):
         RepetitionMonitor(n=2, window=4).record(-1)
+
+
+def test_monitor_callback_logs_every_n_tokens_through_the_engine():
+    import mechmem
+    from mechmem.tiny import tiny_model
+
+    model = tiny_model("llama")
+    monitor = RepetitionMonitor(n=2, window=64)
+    result = mechmem.generate(
+        model,
+        "hello",
+        max_new_tokens=25,
+        stop_at_eos=False,
+        callbacks=[monitor.callback()],
+        callback_every=10,
+    )
+    assert [entry["step"] for entry in result.logs] == [10, 20, 25]
+    assert monitor.n_tokens == 25
+    # The streamed value equals rep-2 computed directly over the generated tokens.
+    assert result.logs[-1]["rep_n_token"] == pytest.approx(rep_n(result.tokens[0], 2))
