@@ -59,41 +59,21 @@ def _config(architecture: Architecture, vocab_size: int, special: dict[str, int]
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, **special)
-    if architecture == "llama":
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            **common,
-        )
-    if architecture == "qwen2":
-        return Qwen2Config(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=1,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            **common,
-        )
     if architecture == "gpt2":
         return GPT2Config(n_embd=64, n_layer=3, n_head=4, n_positions=512, **common)
-    if architecture == "gpt_neox":
-        return GPTNeoXConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            rotary_pct=0.5,
-            use_parallel_residual=True,
-            **common,
-        )
+    common.update(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
+    if architecture == "llama":  # GQA: 2 key/value heads for 4 query heads, untied unembedding
+        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common)
+    if architecture == "qwen2":  # one key/value head, q/k/v biases, tied unembedding
+        return Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
+    if architecture == "gpt_neox":  # parallel residual, rotary on half of each head
+        return GPTNeoXConfig(rotary_pct=0.5, use_parallel_residual=True, **common)
     raise ValueError(f"Unknown tiny architecture {architecture!r}; choose from {ARCHITECTURES}.")
 
 
