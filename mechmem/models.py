@@ -129,7 +129,6 @@ def dequantise_gguf(gguf: Path) -> Path:
             "can dequantise are supported; convert the model to a HuggingFace folder instead."
         ) from error
     # The weights are plain fp32 tensors now; drop the GGUF quantisation marker to save them.
-    model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
     partial = folder.with_name(folder.name + ".part")

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 from jaxtyping import Int
@@ -56,7 +57,7 @@ class StepContext:
         """1 where a new column holds a real token of its row."""
         return self.attention_mask[:, self.cache_length :]
 
-    @property
+    @cached_property
     def key_position_ids(self) -> Int[Tensor, "batch total"]:
         """Position ids the model sees for every cached and new column (``-1`` on padding)."""
         return position_ids_from_mask(self.attention_mask)

@@ -328,8 +328,9 @@ def generate(
             chosen = sampler.pick(logits, generators, buffers.seen)
             chosen = torch.where(finished, torch.full_like(chosen, pad_id), chosen)
             run.append(chosen, ~finished)
-            for row in (~finished).nonzero().flatten().tolist():
-                buffers.generated[row].append(int(chosen[row]))
+            for row, (token, done) in enumerate(zip(chosen.tolist(), finished.tolist())):
+                if not done:
+                    buffers.generated[row].append(token)
             if stop_at_eos and len(eos_ids):
                 hit = torch.isin(chosen, eos_ids) & ~finished
                 for row in hit.nonzero().flatten().tolist():
@@ -382,7 +383,9 @@ class _Run:
     def _forward(self, start: int, stop: int, phase: Phase, step: int, active: bool = True):
         b = self.buffers
         window_mask = b.mask[:, self.cache_start : stop]
-        position_ids = (window_mask.cumsum(-1) - 1).clamp(min=0)[:, start - self.cache_start :]
+        position_ids = position_ids_from_mask(window_mask).clamp(min=0)[
+            :, start - self.cache_start :
+        ]
         context = StepContext(
             phase=phase,
             step=step,

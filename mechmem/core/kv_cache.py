@@ -33,17 +33,15 @@ def kv_hook_name(layer: int, site: str) -> str:
     return f"blocks.{layer}.attn.hook_{site}"
 
 
-class KVHookPoints(torch.nn.Module):
+class KVHookPoints:
     """The full-KV HookPoints of one model, two per layer, named as :func:`kv_hook_name` says."""
 
     def __init__(self, n_layers: int) -> None:
-        super().__init__()
         self.points = {
             kv_hook_name(layer, site): HookPoint() for layer in range(n_layers) for site in KV_SITES
         }
         for name, point in self.points.items():
             point.name = name
-        self._modules_list = torch.nn.ModuleList(self.points.values())
 
 
 def kv_hook_points(model) -> KVHookPoints:

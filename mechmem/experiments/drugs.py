@@ -31,11 +31,12 @@ import plotly.graph_objects as go
 import torch
 
 from mechmem.core.config import Config, require
-from mechmem.core.engine import forward, generate
-from mechmem.core.hooks import attached
+from mechmem.core.context import position_ids_from_mask
+from mechmem.core.engine import generate
 from mechmem.core.tokens import encode_batch
 from mechmem.methods.drugs import SITES, Drugs
 from mechmem.methods.rotation import Direction
+from mechmem.probes.id_profile import layer_representations
 from mechmem.probes.perplexity import continuation_nll
 from mechmem.probes.repetition import distinct_n, rep_n, self_bleu
 from mechmem.stats import paired_permutation_test
@@ -219,27 +220,19 @@ def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> 
     Noise at ``site`` on every layer, one prefill forward over ``prompts``; averaged over real
     positions past the protected sinks.
     """
-    tokens, mask = encode_batch(model, prompts)
-    n_layers = int(model.cfg.n_layers)
-    names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    _, mask = encode_batch(model, prompts)
+    past_sinks = position_ids_from_mask(mask)[mask.bool()].cpu() >= 6  # same order as "tokens"
 
     def residuals(interventions) -> list[torch.Tensor]:
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep(activation, hook):
-            captured[hook.name] = activation.detach()
-
-        with attached(model, [(name, keep) for name in names]):
-            forward(model, tokens, interventions, attention_mask=mask)
-        return [captured[model.hook_dict[name].name] for name in names]
+        reps = layer_representations(model, prompts, pooling="tokens", interventions=interventions)
+        return list(reps.values())
 
     clean = residuals([])
-    select = (mask.cumsum(-1) > 6) & mask.bool()
     rows = []
     for dose in doses:
         noisy = residuals([Drugs(sites=[site], dose=dose, direction=direction)])
         cos = [
-            torch.nn.functional.cosine_similarity(c, n, dim=-1)[select].mean().item()
+            torch.nn.functional.cosine_similarity(c, n, dim=-1)[past_sinks].mean().item()
             for c, n in zip(clean, noisy)
         ]
         rows.append([1.0 - value for value in cos])

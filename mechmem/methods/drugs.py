@@ -132,8 +132,7 @@ class Drugs(Intervention):
             self._row_generators = [
                 torch.Generator(device=self._device).manual_seed(s) for s in seeds
             ]
-        doses = c.row_doses or [c.dose] * batch
-        self._doses = doses
+        self._doses = torch.tensor(c.row_doses or [c.dose] * batch, device=context.positions.device)
 
     def hooks(self, model):
         n_layers = int(model.cfg.n_layers)
@@ -156,7 +155,7 @@ class Drugs(Intervention):
             if context is None or (self.config.protect_inputs and context.phase == "prefill"):
                 return None
             position_ids = context.key_position_ids if full_set else context.position_ids
-            angles = torch.tensor(self._doses, device=activation.device) * ratio
+            angles = self._doses * ratio
             eligible = (position_ids >= self.config.protect_first) & (angles[:, None] > 0)
             counts = eligible.sum(-1).tolist()
             if not any(counts):

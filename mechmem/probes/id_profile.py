@@ -24,6 +24,7 @@ import torch
 
 from mechmem.core.engine import forward
 from mechmem.core.hooks import attached
+from mechmem.core.intervention import Intervention
 from mechmem.core.tokens import encode_batch
 from mechmem.probes.twonn import twonn_bootstrap
 
@@ -71,8 +72,11 @@ def layer_representations(
     pooling: Pooling = "mean",
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
+    interventions: Intervention | Sequence[Intervention] = (),
 ) -> dict[int, torch.Tensor]:
-    """``{layer: [points, d]}`` pooled activations of ``blocks.{layer}.{hook}`` over ``texts``.
+    """``{layer: [points, d]}`` pooled activations of ``blocks.{layer}.{hook}`` over ``texts``,
+    with ``interventions`` applied (none by default). ``"tokens"`` pooling keeps every real token,
+    text by text, in order.
 
     Example:
         >>> reps = layer_representations(model, ["a b", "c d e"], pooling="last")  # doctest: +SKIP
@@ -98,7 +102,7 @@ def layer_representations(
                 return keep
 
             with attached(model, [(names[layer], capture(layer)) for layer in layers]):
-                forward(model, tokens, [], attention_mask=mask)
+                forward(model, tokens, interventions, attention_mask=mask)
             weights = mask.float()
             for layer in layers:
                 acts = captured[layer]

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import check_interventions, forward
 from mechmem.core.intervention import Intervention, as_intervention_list
 from mechmem.core.tokens import encode_batch
@@ -155,9 +156,8 @@ def logit_delta(
             select = chunk_mask.bool()
         rows, cols = select.nonzero(as_tuple=True)
         metrics = compare_logits(base[rows, cols].cpu(), altered[rows, cols].cpu(), k)
-        real_before = chunk_mask.cumsum(-1) - 1
         metrics["row"] = (rows + start).cpu().numpy()
-        metrics["position"] = real_before[rows, cols].cpu().numpy()
+        metrics["position"] = position_ids_from_mask(chunk_mask)[rows, cols].cpu().numpy()
         for name, values in metrics.items():
             parts.setdefault(name, []).append(values)
     merged = {name: np.concatenate(values) for name, values in parts.items()}

@@ -21,7 +21,7 @@ import torch
 
 from mechmem.core.engine import check_interventions, forward
 from mechmem.core.intervention import Intervention, as_intervention_list
-from mechmem.core.tokens import encode_prompts, hf_tokenizer, left_pad
+from mechmem.core.tokens import encode_batch, encode_prompts, hf_tokenizer
 
 
 @dataclass
@@ -126,13 +126,11 @@ def continuation_nll(
     """
     if len(prompt_tokens) != len(continuations) or len(prompt_tokens) == 0:
         raise ValueError("prompt_tokens and continuations must be non-empty and of equal length")
-    pad = hf_tokenizer(model).pad_token_id or 0
     result = np.full(len(continuations), np.nan)
     for start in range(0, len(continuations), batch_size):
         rows = range(start, min(start + batch_size, len(continuations)))
         sequences = [list(prompt_tokens[i]) + list(continuations[i]) for i in rows]
-        tokens, mask = left_pad(sequences, pad)
-        tokens, mask = tokens.to(model.cfg.device), mask.to(model.cfg.device)
+        tokens, mask = encode_batch(model, sequences)
         log_probs = forward(model, tokens, [], attention_mask=mask).float().log_softmax(-1)
         target_nll = -log_probs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
         width = tokens.shape[1]
