@@ -16,6 +16,9 @@ from mechmem.core.tokens import hf_tokenizer
 pytestmark = pytest.mark.integration
 
 PROMPT = "The capital of France is"
+# Greedy decoding of this prompt runs the full 64 tokens without an EOS (checked), so the parity
+# test covers every one of the 64 steps the issue asks for.
+PARITY_PROMPT = "Once upon a time, in a small village at the edge of the forest,"
 
 
 @dataclass
@@ -58,8 +61,9 @@ def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
-def test_greedy_matches_hf_and_bridge_generate(embedded, prompt_ids):
+def test_greedy_matches_hf_and_bridge_generate(embedded):
     model = embedded
+    prompt_ids = hf_tokenizer(model)(PARITY_PROMPT).input_ids
     steps = 64
     eos = {int(hf_tokenizer(model).eos_token_id)}
     tokens = torch.tensor([prompt_ids], device=model.cfg.device)
@@ -86,7 +90,7 @@ def test_greedy_matches_hf_and_bridge_generate(embedded, prompt_ids):
     assert bridge[0, :n].tolist() == prompt_ids
     hf_new = _until_eos(hf[0, n:].tolist(), eos)
     bridge_new = _until_eos(bridge[0, n:].tolist(), eos)
-    assert len(ours.tokens[0]) >= 16
+    assert len(ours.tokens[0]) == steps
     assert ours.tokens[0] == hf_new
     assert ours.tokens[0] == bridge_new
     assert ours.stop_reasons[0] == ("eos" if ours.tokens[0][-1] in eos else "length")
