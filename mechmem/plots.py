@@ -106,6 +106,8 @@ def trace_figure(
 ) -> go.Figure:
     """Lines for scalar traces ``[step, batch]``, a heatmap for vector ones ``[step, batch, k]``.
 
+    With scalar and vector traces together, each vector trace is drawn as its norm per step.
+
     Example:
         >>> trace_figure(recorder.traces())  # doctest: +SKIP
     """
@@ -124,7 +126,8 @@ def trace_figure(
         fig.add_scatter(y=values[:, row], mode="lines", name=name)
     for name, values in vector.items():
         flat = values[:, row].reshape(values.shape[0], -1)
-        fig.add_scatter(y=np.linalg.norm(flat, axis=-1), mode="lines", name=f"‖{name}‖")
+        norm = np.linalg.norm(np.nan_to_num(flat), axis=-1)  # NaN: padding of growing key axes
+        fig.add_scatter(y=norm, mode="lines", name=f"‖{name}‖")
     fig.update_layout(title=title, xaxis_title="step", yaxis_title="value")
     return fig
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mechmem.core.engine import forward
-from mechmem.core.hooks import attached
+from mechmem.core.hooks import attached, resolve_hook_point
 from mechmem.core.intervention import Intervention
 from mechmem.core.tokens import encode_batch
 from mechmem.probes.twonn import twonn_bootstrap
@@ -64,6 +64,24 @@ class IDProfile:
         }
 
 
+def block_hook_name(model, layer: int, hook: str) -> str:
+    """The full name of ``hook`` in block ``layer``, checked on ``model``; the ``hook_`` prefix
+    may be left out (``"resid_post"`` is ``"hook_resid_post"``).
+
+    Example:
+        >>> block_hook_name(model, 3, "resid_post")  # doctest: +SKIP
+        'blocks.3.hook_resid_post'
+    """
+    if not isinstance(hook, str) or not hook:
+        raise ValueError(f"hook: must be a non-empty string, got {hook!r}")
+    name = f"blocks.{layer}.{hook}"
+    prefixed = f"blocks.{layer}.hook_{hook}"
+    if name not in model.hook_dict and prefixed in model.hook_dict:
+        name = prefixed
+    resolve_hook_point(model, name)
+    return name
+
+
 def layer_representations(
     model,
     texts: Sequence[str],
@@ -76,7 +94,7 @@ def layer_representations(
 ) -> dict[int, torch.Tensor]:
     """``{layer: [points, d]}`` pooled activations of ``blocks.{layer}.{hook}`` over ``texts``,
     with ``interventions`` applied (none by default). ``"tokens"`` pooling keeps every real token,
-    text by text, in order.
+    text by text, in order. ``hook`` may leave out its ``hook_`` prefix.
 
     Example:
         >>> reps = layer_representations(model, ["a b", "c d e"], pooling="last")  # doctest: +SKIP
@@ -88,7 +106,11 @@ def layer_representations(
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts: give a non-empty list of texts")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    names = {layer: f"blocks.{layer}.{hook}" for layer in layers}
+    if not layers:
+        raise ValueError("layers: give at least one layer")
+    for layer in layers:
+        Intervention.check_layer(model, layer, "layers")
+    names = {layer: block_hook_name(model, layer, hook) for layer in layers}
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
@@ -135,6 +157,7 @@ def id_profile(
         (30,)
     """
     reps = layer_representations(model, texts, hook=hook, pooling=pooling, layers=layers)
+    hook = block_hook_name(model, next(iter(reps)), hook).split(".", 2)[2]
     fits = [
         twonn_bootstrap(
             points, n_boot=n_boot, seed=seed, method=method, discard_fraction=discard_fraction

@@ -6,6 +6,10 @@ fed token afterwards), reduces it (``"norm"``, ``"mean"``, ``"none"``, ``"slice:
 function) and appends it. Entry ``s`` therefore belongs to absolute position
 ``prompt_length - 1 + s`` of each row. Clean recomputes (interventions off) are not recorded.
 
+Attention patterns and scores (``[batch, head, query, key]``) are read at the newest query, giving
+``[batch, head, key]`` per step; their key axis grows as the cache does, so :meth:`traces` pads
+shorter entries with NaN at the end (key ``j`` is cache slot ``j``).
+
 Example:
     >>> recorder = TraceRecorder(hooks=["blocks.0.hook_resid_post"], reduce="norm")
     >>> result = generate(model, "Hi", [recorder], max_new_tokens=10)  # doctest: +SKIP
@@ -25,6 +29,33 @@ from mechmem.core.config import Config, require
 from mechmem.core.intervention import Intervention
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
+_QUERY_AXIS_2 = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]
+
+
+def newest_position(activation: torch.Tensor, name: str) -> torch.Tensor:
+    """The activation at the newest position of every row: the last query for attention
+    patterns and scores, the last position otherwise.
+
+    Example:
+        >>> newest_position(torch.zeros(2, 4, 5, 5), "blocks.0.attn.hook_pattern").shape
+        torch.Size([2, 4, 5])
+    """
+    return activation[:, :, -1] if name.endswith(_QUERY_AXIS_2) else activation[:, -1]
+
+
+def _stack_padded(values: list[torch.Tensor]) -> np.ndarray:
+    """Stack equal-rank tensors; where shapes differ, NaN-pad each dim at its end (as float)."""
+    if all(v.shape == values[0].shape for v in values):
+        return torch.stack(values).numpy()
+    shape = [max(sizes) for sizes in zip(*(v.shape for v in values), strict=True)]
+    out = torch.full(
+        (len(values), *shape),
+        float("nan"),
+        dtype=torch.promote_types(values[0].dtype, torch.float32),
+    )
+    for i, value in enumerate(values):
+        out[(i, *(slice(0, size) for size in value.shape))] = value
+    return out.numpy()
 
 
 @dataclass
@@ -94,7 +125,8 @@ class TraceRecorder(Intervention):
         def make(name: str):
             def record(activation, hook):
                 if self.context is None or self.context.active:
-                    self._entries[name].append(self._reduce(activation[:, -1]).detach().cpu())
+                    newest = newest_position(activation, name)
+                    self._entries[name].append(self._reduce(newest).detach().cpu())
                 return None
 
             return record
@@ -102,9 +134,12 @@ class TraceRecorder(Intervention):
         return [(name, make(name)) for name in self.config.hooks]
 
     def traces(self) -> dict[str, np.ndarray]:
-        """``{hook: array [step, batch, ...]}`` of everything recorded since the last reset."""
+        """``{hook: array [step, batch, ...]}`` of everything recorded since the last reset.
+
+        Entries whose shapes differ (an attention pattern's growing key axis) are NaN-padded.
+        """
         return {
-            name: torch.stack(values).numpy() if values else np.zeros((0,))
+            name: _stack_padded(values) if values else np.zeros((0,))
             for name, values in self._entries.items()
         }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -129,11 +131,35 @@ def test_tokens_pooling_gives_more_points(tiny, texts):
         (["a b", "c d"], {"pooling": "max"}, "pooling"),
         (["a b", "c d"], {"hook": "hook_nope"}, "hook_nope"),
         (["a b", "c d"], {"layers": [7]}, "out of range"),
+        (["a b", "c d"], {"layers": []}, "layers"),
+        (["a b", "c d"], {"hook": ""}, "hook"),
     ],
 )
 def test_id_profile_rejects_bad_input(tiny, texts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         id_profile(tiny("llama"), texts, **kwargs)
+
+
+def test_bad_hook_fails_before_any_forward(tiny, monkeypatch):
+    module = importlib.import_module("mechmem.probes.id_profile")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the hook was checked")
+
+    monkeypatch.setattr(module, "forward", no_forward)
+    with pytest.raises(ValueError, match="hook_nope"):
+        layer_representations(tiny("llama"), ["a b", "c d"], hook="hook_nope", layers=[0, 2])
+
+
+def test_hook_prefix_may_be_left_out(tiny, texts):
+    model = tiny("gpt2")
+    short = layer_representations(model, texts[:4], hook="resid_post", layers=[1])
+    full = layer_representations(model, texts[:4], hook="hook_resid_post", layers=[1])
+    torch.testing.assert_close(short[1], full[1], rtol=0, atol=0)
+    profile = id_profile(model, texts[:16], hook="resid_post", layers=[1], n_boot=5)
+    assert profile.hook == "hook_resid_post"
+    nested = layer_representations(model, texts[:4], hook="attn.hook_z", layers=[0], pooling="last")
+    assert nested[0].shape[0] == 4
 
 
 def test_missing_hook_error_comes_from_hook_resolution(tiny):
@@ -201,6 +227,12 @@ def test_trace_figure_mixed_traces():
     assert len(fig.data) == 3
     assert all(isinstance(trace, go.Scatter) for trace in fig.data)
     np.testing.assert_allclose(fig.data[1].y, np.sqrt(3.0))
+
+
+def test_trace_figure_norm_ignores_nan_padding():
+    pattern = np.array([[[1.0, np.nan]], [[0.6, 0.8]]])[:, None]  # [step, batch, head, key]
+    fig = trace_figure({"norm": np.ones((2, 1)), "pattern": pattern})
+    np.testing.assert_allclose(fig.data[1].y, [1.0, 1.0])
 
 
 def test_repetition_figure():

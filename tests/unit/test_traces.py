@@ -64,6 +64,23 @@ def test_matches_run_with_cache_of_the_final_sequence(long_run):
         np.testing.assert_allclose(norms.traces()[name][:, 0], reference_norm, rtol=1e-4)
 
 
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_pattern", "blocks.2.attn.hook_attn_scores"])
+def test_attention_trace_is_the_newest_query_row(tiny, hook):
+    """[step, batch, head, key]: the newest query's row, NaN past the keys that existed then."""
+    model = tiny("llama")
+    recorder = TraceRecorder(hooks=[hook], reduce="none")
+    result = generate(model, "hello", [recorder], max_new_tokens=12, stop_at_eos=False)
+    trace, positions = recorder.traces()[hook], recorder.positions()[:, 0]
+    final_length = len(result.prompt_tokens[0]) + 12
+    assert trace.shape == (12, 1, int(model.cfg.n_heads), final_length - 1)
+    cached = _cached(model, result.prompt_tokens[0] + result.tokens[0], [hook])[hook]
+    for step, position in enumerate(positions):
+        keys = position + 1
+        reference = cached[:, position, :keys]  # [head, key]
+        np.testing.assert_allclose(trace[step, 0, :, :keys], reference, rtol=1e-4, atol=1e-5)
+        assert np.isnan(trace[step, 0, :, keys:]).all()
+
+
 def test_left_padded_batch(tiny):
     model = tiny("llama")
     hooks = ["blocks.1.hook_resid_post"]
