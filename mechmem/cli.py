@@ -6,6 +6,7 @@ Examples:
     mechmem models
     mechmem probe logit-delta "The capital of France is" --layer 10 --scale 8 --out results/
     mechmem probe twonn --texts-file texts.txt --out results/
+    mechmem probe twonn --points activations.npy --out results/
     mechmem run drugs --out results/ --set 'seeds=[0,1]'
 """
 
@@ -77,11 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     delta.add_argument("--scale", type=float, default=4.0, help="steering vector norm")
     delta.add_argument("--seed", type=int, default=0, help="seed of the random direction")
     delta.add_argument("--out", default="results", help="output folder")
-    twonn = probes.add_parser("twonn", help="TwoNN intrinsic dimension of every layer")
+    twonn = probes.add_parser(
+        "twonn",
+        help="TwoNN intrinsic dimension of every layer of a model, or of a stored point cloud",
+    )
     _add_model_args(twonn)
     twonn.add_argument("--texts-file", default=None, help="one text per line (default: built-in)")
     twonn.add_argument("--pooling", choices=["last", "mean", "tokens"], default="mean")
-    twonn.add_argument("--hook", default="hook_resid_post")
+    twonn.add_argument("--hook", default="hook_resid_post", help="per-block hook, e.g. resid_mid")
+    twonn.add_argument(
+        "--points",
+        default=None,
+        help="a .npy file of points [n, d]: fit TwoNN to it instead of a model's layers",
+    )
+    twonn.add_argument("--method", choices=["regression", "mle"], default="regression")
+    twonn.add_argument("--discard-fraction", type=float, default=0.1)
+    twonn.add_argument("--n-boot", type=int, default=100, help="bootstrap refits for the CI")
+    twonn.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     twonn.add_argument("--out", default="results", help="output folder")
     return parser
 

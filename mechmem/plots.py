@@ -15,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from mechmem.probes.id_profile import IDProfile
 from mechmem.probes.logit_delta import LayerEffectResult, LogitDeltaResult
+from mechmem.probes.twonn import TwoNNResult
 
 
 def logit_delta_figure(result: LogitDeltaResult, title: str = "Logit delta") -> go.Figure:
@@ -97,6 +98,43 @@ def id_profile_figure(profile: IDProfile, title: str | None = None) -> go.Figure
         f"{profile.n_points} points)",
         xaxis_title="layer",
         yaxis_title="intrinsic dimension",
+    )
+    return fig
+
+
+def twonn_fit_figure(result: TwoNNResult, title: str | None = None) -> go.Figure:
+    """The TwoNN diagnostic: -log(1 - F) against log(mu) with the fitted line of slope d.
+
+    On data that follow the TwoNN law the kept points lie on the line; a bend means the
+    dimension changes with scale (or, bent down at large mu, a boundary). Discarded ratios are
+    drawn in grey.
+
+    Example:
+        >>> twonn_fit_figure(twonn_bootstrap(points))  # doctest: +SKIP
+    """
+    log_mu = np.log(np.sort(result.mu))
+    n = len(log_mu)
+    kept = int(n * (1 - result.discard_fraction))
+    x, y = log_mu[: n - 1], -np.log1p(-np.arange(1, n) / n)  # F = 1 at the largest: left out
+    fig = go.Figure()
+    fig.add_scatter(x=x[:kept], y=y[:kept], mode="markers", name="kept ratios")
+    if kept < n - 1:
+        fig.add_scatter(
+            x=x[kept:], y=y[kept:], mode="markers", name="discarded", marker={"color": "grey"}
+        )
+    line_x = np.array([0.0, x[-1]])
+    fig.add_scatter(
+        x=line_x,
+        y=result.dimension * line_x,
+        mode="lines",
+        name=f"slope d = {result.dimension:.2f}",
+    )
+    fig.update_layout(
+        title=title
+        or f"TwoNN fit ({result.method}): d = {result.dimension:.2f} "
+        f"[{result.ci_low:.2f}, {result.ci_high:.2f}], {result.n_points} points",
+        xaxis_title="log(mu)",
+        yaxis_title="-log(1 - F(mu))",
     )
     return fig
 

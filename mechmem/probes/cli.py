@@ -11,6 +11,8 @@ import json
 from importlib.resources import files
 from pathlib import Path
 
+import numpy as np
+
 
 def default_texts() -> list[str]:
     """The 64 short, varied sentences shipped with mechmem for layer-selection analysis.
@@ -21,6 +23,15 @@ def default_texts() -> list[str]:
     """
     lines = files("mechmem").joinpath("data/texts.txt").read_text(encoding="utf-8").splitlines()
     return [line.strip() for line in lines if line.strip()]
+
+
+def _load_points(path: str) -> np.ndarray:
+    """A [n, d] array from a ``.npy`` file (no pickles), with a clear error otherwise."""
+    if Path(path).suffix != ".npy":
+        raise ValueError(f"--points: expected a .npy file, got {path!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"--points: no such file {path!r}")
+    return np.load(path, allow_pickle=False)
 
 
 def _write(out: str, stem: str, data: dict, figure) -> None:
@@ -35,7 +46,8 @@ def run_probe(args: argparse.Namespace) -> int:
     """Dispatch ``mechmem probe <name>`` (the parser lives in :mod:`mechmem.cli`)."""
     import mechmem
     from mechmem import plots
-    from mechmem.probes import id_profile, logit_delta, logit_delta_by_layer
+    from mechmem.probes import id_profile, logit_delta, logit_delta_by_layer, twonn_bootstrap
+    from mechmem.probes.twonn import check_bootstrap_args
 
     if args.probe == "logit-delta":
         if args.layer is not None and args.layer < 0:
@@ -64,11 +76,29 @@ def run_probe(args: argparse.Namespace) -> int:
             )
         return 0
     if args.probe == "twonn":
+        fit = {"method": args.method, "discard_fraction": args.discard_fraction}
+        check_bootstrap_args(args.n_boot, **fit)
+        if args.points is not None:
+            if args.texts_file or args.model:
+                raise ValueError("--points: give either a point file or a model's texts, not both")
+            result = twonn_bootstrap(_load_points(args.points), args.n_boot, seed=args.seed, **fit)
+            interval = f"[{result.ci_low:.3f}, {result.ci_high:.3f}]"
+            print(f"TwoNN dimension {result.dimension:.3f} {interval}")
+            _write(args.out, "twonn", result.to_dict(), plots.twonn_fit_figure(result))
+            return 0
         texts = default_texts()
         if args.texts_file:
             texts = [t.strip() for t in Path(args.texts_file).read_text().splitlines() if t.strip()]
         model = mechmem.load_model(args.model, device=args.device)
-        profile = id_profile(model, texts, hook=args.hook, pooling=args.pooling)
+        profile = id_profile(
+            model,
+            texts,
+            hook=args.hook,
+            pooling=args.pooling,
+            n_boot=args.n_boot,
+            seed=args.seed,
+            **fit,
+        )
         print(f"suggested layer (ID minimum after the first 20%): {profile.suggest_layer()}")
         _write(args.out, "id_profile", profile.to_dict(), plots.id_profile_figure(profile))
         return 0

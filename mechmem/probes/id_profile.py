@@ -26,7 +26,7 @@ from mechmem.core.engine import forward
 from mechmem.core.hooks import attached, resolve_hook_point
 from mechmem.core.intervention import Intervention
 from mechmem.core.tokens import encode_batch
-from mechmem.probes.twonn import twonn_bootstrap
+from mechmem.probes.twonn import check_bootstrap_args, twonn_bootstrap
 
 Pooling = Literal["last", "mean", "tokens"]
 
@@ -148,20 +148,21 @@ def id_profile(
     method: Literal["regression", "mle"] = "regression",
     discard_fraction: float = 0.1,
     n_boot: int = 100,
+    ci: float = 0.95,
     seed: int = 0,
 ) -> IDProfile:
-    """TwoNN intrinsic dimension of every layer's representations of ``texts``.
+    """TwoNN intrinsic dimension of every layer's representations of ``texts``, each with a
+    bootstrap interval of coverage ``ci`` (see :func:`mechmem.probes.twonn_bootstrap`).
 
     Example:
         >>> id_profile(model, texts).dimension.shape  # doctest: +SKIP
         (30,)
     """
+    check_bootstrap_args(n_boot, ci, discard_fraction, method)  # before the forward passes
     reps = layer_representations(model, texts, hook=hook, pooling=pooling, layers=layers)
     hook = block_hook_name(model, next(iter(reps)), hook).split(".", 2)[2]
     fits = [
-        twonn_bootstrap(
-            points, n_boot=n_boot, seed=seed, method=method, discard_fraction=discard_fraction
-        )
+        twonn_bootstrap(points, n_boot, ci, seed, method=method, discard_fraction=discard_fraction)
         for points in reps.values()
     ]
     return IDProfile(

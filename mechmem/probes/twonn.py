@@ -45,6 +45,7 @@ class TwoNNResult:
         n_boot: Number of bootstrap refits.
         n_points: Number of distinct points the ratios were computed on.
         method: ``"regression"`` or ``"mle"``.
+        discard_fraction: Fraction of the largest ratios left out of the fit.
         mu: The ratios r2 / r1, one per distinct point, as float64.
 
     Example:
@@ -60,7 +61,21 @@ class TwoNNResult:
     n_boot: int
     n_points: int
     method: str
+    discard_fraction: float
     mu: np.ndarray = field(repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready fields (the ratios themselves left out)."""
+        return {
+            "dimension": self.dimension,
+            "ci_low": self.ci_low,
+            "ci_high": self.ci_high,
+            "ci": self.ci,
+            "n_boot": self.n_boot,
+            "n_points": self.n_points,
+            "method": self.method,
+            "discard_fraction": self.discard_fraction,
+        }
 
 
 def _check_fit_args(discard_fraction: float, method: str) -> None:
@@ -350,6 +365,21 @@ def twonn(
     return fit_twonn(mu, discard_fraction, method)
 
 
+def check_bootstrap_args(
+    n_boot: int, ci: float = 0.95, discard_fraction: float = 0.1, method: str = "regression"
+) -> None:
+    """Raise ``ValueError`` on arguments :func:`twonn_bootstrap` would reject, before any work.
+
+    Example:
+        >>> check_bootstrap_args(100, 0.95, 0.1, "mle")
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if isinstance(ci, bool) or not isinstance(ci, Real) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a number in (0, 1), got {ci!r}")
+    _check_fit_args(discard_fraction, method)
+
+
 def twonn_bootstrap(
     X: Float[Tensor, "n d"] | Float[np.ndarray, "n d"],
     n_boot: int = 200,
@@ -390,11 +420,7 @@ def twonn_bootstrap(
         >>> 1.5 < r.ci_low <= r.ci_high < 2.5
         True
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
-    if isinstance(ci, bool) or not isinstance(ci, Real) or not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must be a number in (0, 1), got {ci!r}")
-    _check_fit_args(discard_fraction, method)
+    check_bootstrap_args(n_boot, ci, discard_fraction, method)
     mu = twonn_ratios(X, chunk_size=chunk_size, device=device).cpu().numpy()
     dimension = fit_twonn(mu, discard_fraction, method)
     rng = np.random.default_rng(seed)
@@ -413,5 +439,6 @@ def twonn_bootstrap(
         n_boot=n_boot,
         n_points=len(mu),
         method=method,
+        discard_fraction=discard_fraction,
         mu=mu,
     )

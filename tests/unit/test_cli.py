@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import mechmem
 from mechmem.cli import main
 from mechmem.models import cache_dir
+from mechmem.probes import twonn_bootstrap
 
 
 @pytest.fixture
@@ -148,6 +150,47 @@ def test_probe_twonn_texts_file(fake_load, tmp_path):
 def test_probe_twonn_bad_hook(fake_load, tmp_path, capsys):
     assert main(["probe", "twonn", "--hook", "hook_nope", "--out", str(tmp_path)]) == 2
     assert "hook_nope" in capsys.readouterr().err
+
+
+def test_probe_twonn_points_file(fake_load, tmp_path, capsys):
+    # A 3-dimensional Gaussian cloud linearly embedded in 20 dimensions.
+    rng = np.random.default_rng(0)
+    points = rng.standard_normal((1500, 3)) @ rng.standard_normal((3, 20))
+    np.save(tmp_path / "points.npy", points)
+    argv = ["probe", "twonn", "--points", str(tmp_path / "points.npy"), "--n-boot", "30"]
+    assert main([*argv, "--method", "mle", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "twonn.json").read_text())
+    expected = twonn_bootstrap(points, n_boot=30, method="mle")
+    assert data["dimension"] == pytest.approx(expected.dimension, rel=1e-12)
+    assert (data["ci_low"], data["ci_high"]) == pytest.approx((expected.ci_low, expected.ci_high))
+    assert abs(data["dimension"] - 3) < 0.3
+    assert (data["n_points"], data["method"], data["n_boot"]) == (1500, "mle", 30)
+    assert (tmp_path / "twonn.html").exists()
+    assert f"TwoNN dimension {data['dimension']:.3f}" in capsys.readouterr().out
+    assert not fake_load  # no model was loaded
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--points", "missing.npy"], "no such file"),
+        (["--points", "points.txt"], ".npy"),
+        (["--points", "points.npy", "--model", "x"], "not both"),
+        (["--points", "points.npy", "--discard-fraction", "1.5"], "discard_fraction"),
+        (["--points", "bad.npy"], "NaN"),
+        (["--discard-fraction", "-0.1"], "discard_fraction"),
+        (["--n-boot", "0"], "n_boot"),
+    ],
+)
+def test_probe_twonn_bad_input(fake_load, tmp_path, capsys, monkeypatch, extra, match):
+    monkeypatch.chdir(tmp_path)
+    np.save("points.npy", np.ones((10, 2)).cumsum(0))
+    np.save("bad.npy", np.full((10, 2), np.nan))
+    (tmp_path / "points.txt").write_text("1 2\n")
+    assert main(["probe", "twonn", *extra, "--out", "out"]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not fake_load  # rejected before a model was loaded
 
 
 def test_unknown_command_exits_by_argparse():

@@ -17,11 +17,13 @@ from mechmem.plots import (
     logit_delta_figure,
     repetition_figure,
     trace_figure,
+    twonn_fit_figure,
 )
 from mechmem.probes.cli import default_texts
 from mechmem.probes.id_profile import IDProfile, id_profile, layer_representations
 from mechmem.probes.logit_delta import logit_delta, logit_delta_by_layer
 from mechmem.probes.traces import TraceRecorder
+from mechmem.probes.twonn import twonn_bootstrap
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +229,17 @@ def test_trace_figure_mixed_traces():
     assert len(fig.data) == 3
     assert all(isinstance(trace, go.Scatter) for trace in fig.data)
     np.testing.assert_allclose(fig.data[1].y, np.sqrt(3.0))
+
+
+def test_twonn_fit_figure():
+    result = twonn_bootstrap(torch.rand(400, 2, generator=torch.Generator().manual_seed(0)), 20)
+    fig = twonn_fit_figure(result)
+    kept, discarded, line = fig.data
+    assert (len(kept.x), len(discarded.x)) == (360, 39)  # the largest ratio (F = 1) left out
+    np.testing.assert_allclose(kept.x, np.log(np.sort(result.mu))[:360])
+    np.testing.assert_allclose(kept.y, -np.log1p(-np.arange(1, 361) / 400))
+    assert line.y[1] / line.x[1] == pytest.approx(result.dimension)
+    assert result.to_dict()["discard_fraction"] == 0.1
 
 
 def test_trace_figure_norm_ignores_nan_padding():
