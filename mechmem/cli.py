@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(twonn)
     twonn.add_argument("--texts-file", default=None, help="one text per line (default: built-in)")
     twonn.add_argument("--pooling", choices=["last", "mean", "tokens"], default="mean")
+    twonn.add_argument(
+        "--skip-first",
+        type=int,
+        default=1,
+        help="leading tokens of each text left out of mean/tokens pooling (attention sink)",
+    )
     twonn.add_argument("--hook", default="hook_resid_post", help="per-block hook, e.g. resid_mid")
     twonn.add_argument(
         "--points",

@@ -95,6 +95,7 @@ def run_probe(args: argparse.Namespace) -> int:
             texts,
             hook=args.hook,
             pooling=args.pooling,
+            skip_first=args.skip_first,
             n_boot=args.n_boot,
             seed=args.seed,
             **fit,

@@ -7,6 +7,13 @@ input), and TwoNN (with a bootstrap interval) is fitted to each layer's point cl
 :meth:`IDProfile.suggest_layer` picks the ID minimum after the first 20% of layers, the
 KV-Embedding rule — always confirm such a pick with a retrieval sweep.
 
+Mean and token pooling leave out each text's first ``skip_first`` tokens (default 1). Many LMs
+park a massive activation on the first token (the attention sink): in the embedded SmolLM2, from
+layer 11 on, coordinate 507 of the first token's residual is about 22,000 against about 80
+elsewhere. Averaged in, it makes the pooled vector mostly ``22,000 / length`` along one axis, so
+the "dimension" measured is that of the text lengths: the 64 built-in texts read ID 9.8 at layer
+11 with the first token kept and 26.5 without it (``docs/probes.md``).
+
 Example:
     >>> profile = id_profile(model, texts, pooling="mean")   # doctest: +SKIP
     >>> profile.suggest_layer()                              # doctest: +SKIP
@@ -22,10 +29,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import forward
 from mechmem.core.hooks import attached, resolve_hook_point
 from mechmem.core.intervention import Intervention
-from mechmem.core.tokens import encode_batch
+from mechmem.core.tokens import encode_batch, encode_prompts, hf_tokenizer
 from mechmem.probes.twonn import check_bootstrap_args, twonn_bootstrap
 
 Pooling = Literal["last", "mean", "tokens"]
@@ -42,6 +50,7 @@ class IDProfile:
     n_points: int
     hook: str
     pooling: str
+    skip_first: int = 0
 
     def suggest_layer(self, skip_fraction: float = 0.2) -> int:
         """The layer of lowest ID once the first ``skip_fraction`` of layers is excluded."""
@@ -60,6 +69,7 @@ class IDProfile:
             "n_points": self.n_points,
             "hook": self.hook,
             "pooling": self.pooling,
+            "skip_first": self.skip_first,
             "suggested_layer": self.suggest_layer(),
         }
 
@@ -88,13 +98,16 @@ def layer_representations(
     *,
     hook: str = "hook_resid_post",
     pooling: Pooling = "mean",
+    skip_first: int = 1,
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
     interventions: Intervention | Sequence[Intervention] = (),
 ) -> dict[int, torch.Tensor]:
     """``{layer: [points, d]}`` pooled activations of ``blocks.{layer}.{hook}`` over ``texts``,
     with ``interventions`` applied (none by default). ``"tokens"`` pooling keeps every real token,
-    text by text, in order. ``hook`` may leave out its ``hook_`` prefix.
+    text by text, in order. ``"mean"`` and ``"tokens"`` leave out each text's first
+    ``skip_first`` tokens (the attention sink, see the module docstring); ``"last"`` ignores it.
+    ``hook`` may leave out its ``hook_`` prefix.
 
     Example:
         >>> reps = layer_representations(model, ["a b", "c d e"], pooling="last")  # doctest: +SKIP
@@ -105,6 +118,16 @@ def layer_representations(
         raise ValueError(f"pooling: must be 'last', 'mean' or 'tokens', got {pooling!r}")
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts: give a non-empty list of texts")
+    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+        raise ValueError(f"skip_first: must be an integer >= 0, got {skip_first!r}")
+    ids = encode_prompts(hf_tokenizer(model), list(texts))
+    skipped = skip_first if pooling != "last" else 0
+    short = [i for i, row in enumerate(ids) if len(row) <= skipped]
+    if short:
+        raise ValueError(
+            f"texts {short[:5]} have at most skip_first={skip_first} tokens: nothing is left to "
+            "pool; lengthen or drop them, or lower skip_first"
+        )
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers: give at least one layer")
@@ -114,7 +137,7 @@ def layer_representations(
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            tokens, mask = encode_batch(model, list(texts[start : start + batch_size]))
+            tokens, mask = encode_batch(model, ids[start : start + batch_size])
             captured: dict[int, torch.Tensor] = {}
 
             def capture(layer: int, into: dict[int, torch.Tensor] = captured):
@@ -125,7 +148,8 @@ def layer_representations(
 
             with attached(model, [(names[layer], capture(layer)) for layer in layers]):
                 forward(model, tokens, interventions, attention_mask=mask)
-            weights = mask.float()
+            pooled_mask = position_ids_from_mask(mask) >= skipped
+            weights = pooled_mask.float()
             for layer in layers:
                 acts = captured[layer]
                 if pooling == "last":
@@ -133,7 +157,7 @@ def layer_representations(
                 elif pooling == "mean":
                     pooled = (acts * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
                 else:
-                    pooled = acts[mask.bool()]
+                    pooled = acts[pooled_mask]
                 collected[layer].append(pooled.cpu())
     return {layer: torch.cat(parts) for layer, parts in collected.items()}
 
@@ -144,6 +168,7 @@ def id_profile(
     *,
     hook: str = "hook_resid_post",
     pooling: Pooling = "mean",
+    skip_first: int = 1,
     layers: Sequence[int] | None = None,
     method: Literal["regression", "mle"] = "regression",
     discard_fraction: float = 0.1,
@@ -159,7 +184,11 @@ def id_profile(
         (30,)
     """
     check_bootstrap_args(n_boot, ci, discard_fraction, method)  # before the forward passes
-    reps = layer_representations(model, texts, hook=hook, pooling=pooling, layers=layers)
+    if pooling in ("last", "mean") and not isinstance(texts, str) and len(texts) < 3:
+        raise ValueError(f"texts: TwoNN needs at least 3 texts to pool, got {len(texts)}")
+    reps = layer_representations(
+        model, texts, hook=hook, pooling=pooling, skip_first=skip_first, layers=layers
+    )
     hook = block_hook_name(model, next(iter(reps)), hook).split(".", 2)[2]
     fits = [
         twonn_bootstrap(points, n_boot, ci, seed, method=method, discard_fraction=discard_fraction)
@@ -173,4 +202,5 @@ def id_profile(
         n_points=int(next(iter(reps.values())).shape[0]),
         hook=hook,
         pooling=pooling,
+        skip_first=skip_first if pooling != "last" else 0,
     )

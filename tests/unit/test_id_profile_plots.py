@@ -11,6 +11,7 @@ import torch
 
 from mechmem.core.basic import Steer
 from mechmem.core.engine import generate
+from mechmem.core.hooks import attached
 from mechmem.plots import (
     id_profile_figure,
     layer_effect_figure,
@@ -99,22 +100,47 @@ def test_suggest_layer_on_a_real_profile_excludes_the_first_fifth(profile):
 
 def test_pooling_sizes(tiny):
     model = tiny("llama")
-    texts = ["hello there", "a", "the cat sat"]
+    texts = ["hello there", "ab", "the cat sat"]
     lengths = [len(model.hf_tokenizer(t).input_ids) for t in texts]
     d_model = int(model.cfg.d_model)
     mean = layer_representations(model, texts, pooling="mean")
     tokens = layer_representations(model, texts, pooling="tokens")
+    every_token = layer_representations(model, texts, pooling="tokens", skip_first=0, layers=[1])
     last = layer_representations(model, texts, pooling="last", layers=[1])
     assert set(mean) == set(range(int(model.cfg.n_layers)))
     assert mean[0].shape == (3, d_model)
-    assert tokens[0].shape == (sum(lengths), d_model)
-    assert tokens[0].shape[0] > mean[0].shape[0]
+    assert tokens[0].shape == (sum(lengths) - 3, d_model)  # each text's first token left out
+    assert every_token[1].shape == (sum(lengths), d_model)
     assert list(last) == [1]
     # padding never leaks: every pooled value equals that of the text run alone
     for index, text in enumerate(texts):
-        alone = layer_representations(model, [text], pooling="tokens", layers=[1])[1]
-        torch.testing.assert_close(alone.mean(0), mean[1][index], rtol=1e-4, atol=1e-4)
+        alone = layer_representations(model, [text], pooling="tokens", skip_first=0, layers=[1])[1]
+        torch.testing.assert_close(alone[1:].mean(0), mean[1][index], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(alone[-1], last[1][index], rtol=1e-4, atol=1e-4)
+    # tokens pooling is the every-token set minus each text's first token, in order
+    firsts = np.cumsum([0, *lengths[:-1]])
+    keep = np.setdiff1d(np.arange(sum(lengths)), firsts)
+    torch.testing.assert_close(tokens[1], every_token[1][keep], rtol=0, atol=0)
+
+
+def test_skip_first_leaves_out_a_planted_sink(tiny):
+    """A huge first-token activation dominates mean pooling unless it is skipped."""
+    model = tiny("gpt2")
+    texts = ["hello there you", "abcdef", "the cat sat on it"]
+
+    def sink(activation, hook):  # position 0 of each row as the model sees it (no padding alone)
+        activation[:, 0, 0] = 1e4
+        return activation
+
+    reps = {}
+    for skip in (0, 1):
+        with attached(model, [("blocks.0.hook_resid_post", sink)]):
+            reps[skip] = torch.cat(
+                [layer_representations(model, [t], skip_first=skip, layers=[0])[0] for t in texts]
+            )
+    lengths = torch.tensor([len(model.hf_tokenizer(t).input_ids) for t in texts])
+    assert (reps[0][:, 0] > 1e4 / lengths - 100).all()
+    assert (reps[1][:, 0].abs() < 100).all()
 
 
 def test_tokens_pooling_gives_more_points(tiny, texts):
@@ -131,10 +157,15 @@ def test_tokens_pooling_gives_more_points(tiny, texts):
         ([], {}, "texts"),
         ("just one string", {}, "texts"),
         (["a b", "c d"], {"pooling": "max"}, "pooling"),
-        (["a b", "c d"], {"hook": "hook_nope"}, "hook_nope"),
-        (["a b", "c d"], {"layers": [7]}, "out of range"),
-        (["a b", "c d"], {"layers": []}, "layers"),
-        (["a b", "c d"], {"hook": ""}, "hook"),
+        (["a b", "c d", "e f"], {"hook": "hook_nope"}, "hook_nope"),
+        (["a b", "c d", "e f"], {"layers": [7]}, "out of range"),
+        (["a b", "c d", "e f"], {"layers": []}, "layers"),
+        (["a b", "c d", "e f"], {"hook": ""}, "hook"),
+        (["a b", "c", "d e"], {"skip_first": 1}, "texts \\[1\\] have at most skip_first=1"),
+        (["a b", "c d", "e f"], {"skip_first": 3}, "texts \\[0, 1, 2\\]"),
+        (["a b", "c d"], {}, "at least 3 texts"),
+        (["a b", "c d", "e f"], {"skip_first": -1}, "skip_first"),
+        (["a b", "c d", "e f"], {"skip_first": True}, "skip_first"),
     ],
 )
 def test_id_profile_rejects_bad_input(tiny, texts, kwargs, match):
