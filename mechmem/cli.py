@@ -84,14 +84,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_model_args(twonn)
     twonn.add_argument("--texts-file", default=None, help="one text per line (default: built-in)")
-    twonn.add_argument("--pooling", choices=["last", "mean", "tokens"], default="mean")
+    twonn.add_argument(
+        "--pooling", choices=["last", "mean", "tokens"], default=None, help="(default: mean)"
+    )
     twonn.add_argument(
         "--skip-first",
         type=int,
-        default=1,
-        help="leading tokens of each text left out of mean/tokens pooling (attention sink)",
+        default=None,
+        help="leading tokens of each text left out of mean/tokens pooling, for the attention "
+        "sink (default: 1)",
     )
-    twonn.add_argument("--hook", default="hook_resid_post", help="per-block hook, e.g. resid_mid")
+    twonn.add_argument(
+        "--hook", default=None, help="per-block hook, e.g. resid_mid (default: resid_post)"
+    )
     twonn.add_argument(
         "--points",
         default=None,

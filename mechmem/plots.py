@@ -103,7 +103,8 @@ def id_profile_figure(profile: IDProfile, title: str | None = None) -> go.Figure
 
 
 def twonn_fit_figure(result: TwoNNResult, title: str | None = None) -> go.Figure:
-    """The TwoNN diagnostic: -log(1 - F) against log(mu) with the fitted line of slope d.
+    """The TwoNN diagnostic: -log(1 - F) against log(mu) with the line of slope d through 0
+    (the least-squares fit for ``method="regression"``; for ``"mle"``, the MLE's slope).
 
     On data that follow the TwoNN law the kept points lie on the line; a bend means the
     dimension changes with scale (or, bent down at large mu, a boundary). Discarded ratios are
@@ -123,11 +124,14 @@ def twonn_fit_figure(result: TwoNNResult, title: str | None = None) -> go.Figure
             x=x[kept:], y=y[kept:], mode="markers", name="discarded", marker={"color": "grey"}
         )
     line_x = np.array([0.0, x[-1]])
+    label = (
+        "least-squares fit" if result.method == "regression" else "MLE, not fitted to these axes"
+    )
     fig.add_scatter(
         x=line_x,
         y=result.dimension * line_x,
         mode="lines",
-        name=f"slope d = {result.dimension:.2f}",
+        name=f"slope d = {result.dimension:.2f} ({label})",
     )
     fig.update_layout(
         title=title
@@ -144,7 +148,8 @@ def trace_figure(
 ) -> go.Figure:
     """Lines for scalar traces ``[step, batch]``, a heatmap for vector ones ``[step, batch, k]``.
 
-    With scalar and vector traces together, each vector trace is drawn as its norm per step.
+    A single vector trace alone is a heatmap; otherwise each vector trace is drawn as its norm per
+    step (NaN padding counted as 0).
 
     Example:
         >>> trace_figure(recorder.traces())  # doctest: +SKIP

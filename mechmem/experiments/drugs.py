@@ -31,7 +31,9 @@ import plotly.graph_objects as go
 import torch
 
 from mechmem.core.config import Config, require
+from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import generate
+from mechmem.core.tokens import encode_batch
 from mechmem.methods.drugs import SITES, Drugs, DrugsConfig
 from mechmem.methods.rotation import Direction
 from mechmem.probes.id_profile import layer_representations
@@ -218,11 +220,13 @@ def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> 
     Noise at ``site`` on every layer, one prefill forward over ``prompts``; averaged over real
     positions past the protected sinks.
     """
-    protected = DrugsConfig().protect_first
+    _, mask = encode_batch(model, prompts)
+    # the same order as "tokens" pooling; prompts no longer than the sinks contribute nothing
+    past_sinks = position_ids_from_mask(mask)[mask.bool()].cpu() >= DrugsConfig().protect_first
 
     def residuals(interventions) -> list[torch.Tensor]:
         reps = layer_representations(
-            model, prompts, pooling="tokens", skip_first=protected, interventions=interventions
+            model, prompts, pooling="tokens", skip_first=0, interventions=interventions
         )
         return list(reps.values())
 
@@ -231,7 +235,7 @@ def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> 
     for dose in doses:
         noisy = residuals([Drugs(sites=[site], dose=dose, direction=direction)])
         cos = [
-            torch.nn.functional.cosine_similarity(c, n, dim=-1).mean().item()
+            torch.nn.functional.cosine_similarity(c, n, dim=-1)[past_sinks].mean().item()
             for c, n in zip(clean, noisy)
         ]
         rows.append([1.0 - value for value in cos])

@@ -78,28 +78,32 @@ def run_probe(args: argparse.Namespace) -> int:
     if args.probe == "twonn":
         fit = {"method": args.method, "discard_fraction": args.discard_fraction}
         check_bootstrap_args(args.n_boot, **fit)
+        layer_options = {"hook": args.hook, "pooling": args.pooling, "skip_first": args.skip_first}
+        given = {name: value for name, value in layer_options.items() if value is not None}
         if args.points is not None:
-            if args.texts_file or args.model:
-                raise ValueError("--points: give either a point file or a model's texts, not both")
-            result = twonn_bootstrap(_load_points(args.points), args.n_boot, seed=args.seed, **fit)
+            extra = [f"--{name.replace('_', '-')}" for name in given]
+            extra += [
+                flag
+                for flag, value in [("--texts-file", args.texts_file), ("--model", args.model)]
+                if value
+            ]
+            if extra:
+                raise ValueError(
+                    f"--points: {', '.join(extra)} apply to a model, not to a point file"
+                )
+            points = _load_points(args.points)
+            result = twonn_bootstrap(points, args.n_boot, seed=args.seed, device=args.device, **fit)
             interval = f"[{result.ci_low:.3f}, {result.ci_high:.3f}]"
             print(f"TwoNN dimension {result.dimension:.3f} {interval}")
             _write(args.out, "twonn", result.to_dict(), plots.twonn_fit_figure(result))
             return 0
+        if given.get("skip_first", 0) < 0:
+            raise ValueError(f"--skip-first: must be >= 0, got {args.skip_first}")
         texts = default_texts()
         if args.texts_file:
             texts = [t.strip() for t in Path(args.texts_file).read_text().splitlines() if t.strip()]
         model = mechmem.load_model(args.model, device=args.device)
-        profile = id_profile(
-            model,
-            texts,
-            hook=args.hook,
-            pooling=args.pooling,
-            skip_first=args.skip_first,
-            n_boot=args.n_boot,
-            seed=args.seed,
-            **fit,
-        )
+        profile = id_profile(model, texts, n_boot=args.n_boot, seed=args.seed, **given, **fit)
         print(f"suggested layer (ID minimum after the first 20%): {profile.suggest_layer()}")
         _write(args.out, "id_profile", profile.to_dict(), plots.id_profile_figure(profile))
         return 0

@@ -9,10 +9,11 @@ KV-Embedding rule — always confirm such a pick with a retrieval sweep.
 
 Mean and token pooling leave out each text's first ``skip_first`` tokens (default 1). Many LMs
 park a massive activation on the first token (the attention sink): in the embedded SmolLM2, from
-layer 11 on, coordinate 507 of the first token's residual is about 22,000 against about 80
-elsewhere. Averaged in, it makes the pooled vector mostly ``22,000 / length`` along one axis, so
-the "dimension" measured is that of the text lengths: the 64 built-in texts read ID 9.8 at layer
-11 with the first token kept and 26.5 without it (``docs/probes.md``).
+layer 11 on, coordinate 507 of the first token's residual is about 22,500, against at most 132 at
+the other positions (layer 15, first built-in text). Averaged in, it adds about
+``22,500 / length`` along one axis, so the measured dimension mostly reflects text length: the 64
+built-in texts read ID 9.8 at layer 11 with the first token kept and 26.5 without it
+(``docs/probes.md``).
 
 Example:
     >>> profile = id_profile(model, texts, pooling="mean")   # doctest: +SKIP
@@ -75,17 +76,18 @@ class IDProfile:
 
 
 def block_hook_name(model, layer: int, hook: str) -> str:
-    """The full name of ``hook`` in block ``layer``, checked on ``model``; the ``hook_`` prefix
-    may be left out (``"resid_post"`` is ``"hook_resid_post"``).
+    """The full name of ``hook`` in block ``layer``, checked on ``model``; the ``hook_`` prefix of
+    its last part may be left out (``"resid_post"``, ``"attn.z"``).
 
     Example:
-        >>> block_hook_name(model, 3, "resid_post")  # doctest: +SKIP
-        'blocks.3.hook_resid_post'
+        >>> block_hook_name(model, 3, "attn.z")  # doctest: +SKIP
+        'blocks.3.attn.hook_z'
     """
     if not isinstance(hook, str) or not hook:
         raise ValueError(f"hook: must be a non-empty string, got {hook!r}")
     name = f"blocks.{layer}.{hook}"
-    prefixed = f"blocks.{layer}.hook_{hook}"
+    head, dot, last = hook.rpartition(".")
+    prefixed = f"blocks.{layer}.{head}{dot}hook_{last}"
     if name not in model.hook_dict and prefixed in model.hook_dict:
         name = prefixed
     resolve_hook_point(model, name)
@@ -107,7 +109,7 @@ def layer_representations(
     with ``interventions`` applied (none by default). ``"tokens"`` pooling keeps every real token,
     text by text, in order. ``"mean"`` and ``"tokens"`` leave out each text's first
     ``skip_first`` tokens (the attention sink, see the module docstring); ``"last"`` ignores it.
-    ``hook`` may leave out its ``hook_`` prefix.
+    ``hook`` may leave out the ``hook_`` prefix (see :func:`block_hook_name`).
 
     Example:
         >>> reps = layer_representations(model, ["a b", "c d e"], pooling="last")  # doctest: +SKIP

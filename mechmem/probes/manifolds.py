@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -44,10 +46,10 @@ def sample_manifold(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(d, int) or d < 1 or not isinstance(n, int) or n < 3:
+    if not isinstance(d, Integral) or d < 1 or not isinstance(n, Integral) or n < 3:
         raise ValueError(f"need an integer d >= 1 and n >= 3, got d={d!r}, n={n!r}")
     width = d + 1 if kind == "sphere" else d
-    if not isinstance(ambient, int) or ambient < width:
+    if kind != "torus" and (not isinstance(ambient, Integral) or ambient < width):
         raise ValueError(f"ambient must be an integer >= {width}, got {ambient!r}")
     rng = np.random.default_rng(seed)
     if kind == "sphere":

@@ -7,8 +7,11 @@ function) and appends it. Entry ``s`` therefore belongs to absolute position
 ``prompt_length - 1 + s`` of each row. Clean recomputes (interventions off) are not recorded.
 
 Attention patterns and scores (``[batch, head, query, key]``) are read at the newest query, giving
-``[batch, head, key]`` per step; their key axis grows as the cache does, so :meth:`traces` pads
-shorter entries with NaN at the end (key ``j`` is cache slot ``j``).
+``[batch, head, key]`` per step. Their key axis is the cache, left padding included: it grows by one
+per step, so :meth:`traces` pads shorter entries with NaN at the end, and after a ``window``
+re-prefill it starts again from the kept tokens, so a key column is a cache slot, not an absolute
+position. Padded keys read 0 in patterns and the dtype's lowest value (about -3.4e38) in scores;
+reduce scores with a function of your own that masks them, or trace the pattern.
 
 Example:
     >>> recorder = TraceRecorder(hooks=["blocks.0.hook_resid_post"], reduce="norm")

@@ -45,8 +45,8 @@ class TwoNNResult:
         n_boot: Number of bootstrap refits.
         n_points: Number of distinct points the ratios were computed on.
         method: ``"regression"`` or ``"mle"``.
-        discard_fraction: Fraction of the largest ratios left out of the fit.
         mu: The ratios r2 / r1, one per distinct point, as float64.
+        discard_fraction: Fraction of the largest ratios left out of the fit.
 
     Example:
         >>> r = twonn_bootstrap(torch.rand(1000, 3), n_boot=50)
@@ -61,8 +61,8 @@ class TwoNNResult:
     n_boot: int
     n_points: int
     method: str
-    discard_fraction: float
     mu: np.ndarray = field(repr=False, compare=False)
+    discard_fraction: float = 0.1
 
     def to_dict(self) -> dict:
         """JSON-ready fields (the ratios themselves left out)."""

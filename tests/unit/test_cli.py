@@ -175,7 +175,10 @@ def test_probe_twonn_points_file(fake_load, tmp_path, capsys):
     [
         (["--points", "missing.npy"], "no such file"),
         (["--points", "points.txt"], ".npy"),
-        (["--points", "points.npy", "--model", "x"], "not both"),
+        (["--points", "points.npy", "--model", "x"], "--model apply to a model"),
+        (["--points", "points.npy", "--pooling", "last", "--hook", "x"], "--hook"),
+        (["--points", "points.npy", "--skip-first", "0"], "--skip-first apply"),
+        (["--skip-first", "-1"], "--skip-first: must be >= 0"),
         (["--points", "points.npy", "--discard-fraction", "1.5"], "discard_fraction"),
         (["--points", "bad.npy"], "NaN"),
         (["--discard-fraction", "-0.1"], "discard_fraction"),

@@ -70,6 +70,13 @@ def test_divergence_grows_with_dose(llama):
     assert divergence[1].mean() > divergence[0].mean()
 
 
+def test_divergence_takes_prompts_shorter_than_the_sinks(llama):
+    # "hi" is 2 byte tokens, all inside the 6 protected sink positions: it adds no positions.
+    divergence = layer_divergence(llama, ["hi", "hello world, this is it"], "A", [0.5], "isotropic")
+    assert divergence.shape == (1, llama.cfg.n_layers)
+    assert np.isfinite(divergence).all() and (divergence > 0).all()
+
+
 def test_continuation_nll_matches_a_direct_computation(llama):
     prompt, continuation = [10, 20, 30, 40], [50, 60, 70]
     ids = torch.tensor([prompt + continuation])

@@ -191,8 +191,9 @@ def test_hook_prefix_may_be_left_out(tiny, texts):
     torch.testing.assert_close(short[1], full[1], rtol=0, atol=0)
     profile = id_profile(model, texts[:16], hook="resid_post", layers=[1], n_boot=5)
     assert profile.hook == "hook_resid_post"
-    nested = layer_representations(model, texts[:4], hook="attn.hook_z", layers=[0], pooling="last")
-    assert nested[0].shape[0] == 4
+    nested = layer_representations(model, texts[:4], hook="attn.z", layers=[0], pooling="last")
+    full = layer_representations(model, texts[:4], hook="attn.hook_z", layers=[0], pooling="last")
+    torch.testing.assert_close(nested[0], full[0], rtol=0, atol=0)
 
 
 def test_missing_hook_error_comes_from_hook_resolution(tiny):
@@ -269,7 +270,11 @@ def test_twonn_fit_figure():
     assert (len(kept.x), len(discarded.x)) == (360, 39)  # the largest ratio (F = 1) left out
     np.testing.assert_allclose(kept.x, np.log(np.sort(result.mu))[:360])
     np.testing.assert_allclose(kept.y, -np.log1p(-np.arange(1, 361) / 400))
-    assert line.y[1] / line.x[1] == pytest.approx(result.dimension)
+    x, y = np.asarray(kept.x), np.asarray(kept.y)
+    assert (x @ y) / (x @ x) == pytest.approx(result.dimension, rel=1e-12)  # the plotted fit
+    np.testing.assert_allclose(np.asarray(line.y), result.dimension * np.asarray(line.x))
+    mle = twonn_fit_figure(twonn_bootstrap(torch.rand(400, 2), 5, method="mle"))
+    assert "MLE" in mle.data[-1].name
     assert result.to_dict()["discard_fraction"] == 0.1
 
 
