@@ -80,6 +80,16 @@ class Config:
         return self.from_dict({**dataclasses.asdict(self), **changes})
 
 
+def is_integer(value: Any) -> bool:
+    """True for an ``int`` that is not a ``bool`` (``True`` is not a count).
+
+    Example:
+        >>> is_integer(3), is_integer(True), is_integer(3.0)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _matches(value: Any, expected: Any) -> bool:
     origin = typing.get_origin(expected)
     if expected is Any:
@@ -93,7 +103,7 @@ def _matches(value: Any, expected: Any) -> bool:
     if expected is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     if origin in (list, tuple, typing.Sequence) or expected in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False

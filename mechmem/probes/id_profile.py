@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mechmem.core.config import is_integer
 from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import forward
 from mechmem.core.hooks import attached, resolve_hook_point
@@ -120,7 +121,7 @@ def layer_representations(
         raise ValueError(f"pooling: must be 'last', 'mean' or 'tokens', got {pooling!r}")
     if isinstance(texts, str) or len(texts) == 0:
         raise ValueError("texts: give a non-empty list of texts")
-    if isinstance(skip_first, bool) or not isinstance(skip_first, int) or skip_first < 0:
+    if not is_integer(skip_first) or skip_first < 0:
         raise ValueError(f"skip_first: must be an integer >= 0, got {skip_first!r}")
     ids = encode_prompts(hf_tokenizer(model), list(texts))
     skipped = skip_first if pooling != "last" else 0

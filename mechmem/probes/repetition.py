@@ -27,19 +27,19 @@ import numpy as np
 from jaxtyping import Int
 from torch import Tensor
 
+from mechmem.core.config import is_integer
+
 TokenSeq = str | Sequence[Hashable] | Int[Tensor, " n"] | Int[np.ndarray, " n"]
 Smoothing = Literal["add-one", "none"]
 
 
 def _check_n(n: int, name: str = "n") -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_integer(n) or n < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
 
 
 def _check_window(window: int | None, n: int) -> None:
-    if window is not None and (
-        isinstance(window, bool) or not isinstance(window, int) or window < n
-    ):
+    if window is not None and (not is_integer(window) or window < n):
         raise ValueError(f"window must be None or an integer >= n = {n}, got {window!r}")
 
 
@@ -317,7 +317,7 @@ class RepetitionMonitor:
     def __init__(self, n: int = 4, window: int = 1024, char_window: int = 4096) -> None:
         _check_n(n)
         for name, value in (("window", window), ("char_window", char_window)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < n:
+            if not is_integer(value) or value < n:
                 raise ValueError(f"{name} must be an integer >= n = {n}, got {value!r}")
         self.n = n
         self.tokens: deque[int] = deque(maxlen=window)
@@ -369,7 +369,7 @@ class RepetitionMonitor:
         Raises:
             ValueError: A negative or non-integer step.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_integer(step) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
         entry: dict[str, float | int] = {
             "step": step,

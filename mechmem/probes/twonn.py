@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mechmem.core.config import is_integer
+
 METHODS = ("regression", "mle")
 
 # Neighbour candidates per point found in float32. The nearest few are measured exactly; the
@@ -88,7 +90,7 @@ def _check_fit_args(discard_fraction: float, method: str) -> None:
 
 
 def _check_chunk_size(chunk_size: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
 
 
@@ -373,7 +375,7 @@ def check_bootstrap_args(
     Example:
         >>> check_bootstrap_args(100, 0.95, 0.1, "mle")
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+    if not is_integer(n_boot) or n_boot < 1:
         raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
     if isinstance(ci, bool) or not isinstance(ci, Real) or not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be a number in (0, 1), got {ci!r}")
