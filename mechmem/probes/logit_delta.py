@@ -111,6 +111,56 @@ def compare_logits(
     }
 
 
+def _checked_arm(model, interventions, positions: Positions, k: int) -> list[Intervention]:
+    """``interventions`` as a non-empty list whose hooks and layers exist, with the scoring
+    arguments checked too: everything :func:`_delta_metrics` needs, before any compute."""
+    items = as_intervention_list(interventions)
+    if not items:
+        raise ValueError("interventions: give at least one intervention to compare against none")
+    if positions not in ("last", "all"):
+        raise ValueError(f"positions: must be 'last' or 'all', got {positions!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: must be an integer >= 1, got {k!r}")
+    check_interventions(model, items)
+    return items
+
+
+def _delta_metrics(
+    model,
+    prompts,
+    arms: list[list[Intervention]],
+    positions: Positions,
+    k: int,
+    batch_size: int,
+) -> list[dict[str, np.ndarray]]:
+    """Per-position metrics of each arm (a list of interventions) against one shared clean run.
+
+    Each batch runs clean once and then once per arm, so a sweep of L arms costs L + 1 forward
+    passes per batch rather than 2L.
+    """
+    tokens, mask = encode_batch(model, prompts)
+    parts: list[dict[str, list[np.ndarray]]] = [{} for _ in arms]
+    for start in range(0, len(tokens), batch_size):
+        chunk, chunk_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
+        if positions == "last":
+            select = torch.zeros_like(chunk_mask, dtype=torch.bool)
+            select[:, -1] = True
+        else:
+            select = chunk_mask.bool()
+        rows, cols = select.nonzero(as_tuple=True)
+        where = {
+            "row": (rows + start).cpu().numpy(),
+            "position": position_ids_from_mask(chunk_mask)[rows, cols].cpu().numpy(),
+        }
+        base = forward(model, chunk, [], attention_mask=chunk_mask).float()[rows, cols].cpu()
+        for arm, part in zip(arms, parts):
+            altered = forward(model, chunk, arm, attention_mask=chunk_mask).float()
+            metrics = {**compare_logits(base, altered[rows, cols].cpu(), k), **where}
+            for name, values in metrics.items():
+                part.setdefault(name, []).append(values)
+    return [{name: np.concatenate(values) for name, values in part.items()} for part in parts]
+
+
 def logit_delta(
     model,
     prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -135,32 +185,8 @@ def logit_delta(
         ...                                                      # doctest: +SKIP
         0.0
     """
-    items = as_intervention_list(interventions)
-    if not items:
-        raise ValueError("interventions: give at least one intervention to compare against none")
-    if positions not in ("last", "all"):
-        raise ValueError(f"positions: must be 'last' or 'all', got {positions!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: must be an integer >= 1, got {k!r}")
-    tokens, mask = encode_batch(model, prompts)
-    check_interventions(model, items)  # bad hooks or layers fail here, before any compute
-    parts: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(tokens), batch_size):
-        chunk, chunk_mask = tokens[start : start + batch_size], mask[start : start + batch_size]
-        base = forward(model, chunk, [], attention_mask=chunk_mask).float()
-        altered = forward(model, chunk, items, attention_mask=chunk_mask).float()
-        if positions == "last":
-            select = torch.zeros_like(chunk_mask, dtype=torch.bool)
-            select[:, -1] = True
-        else:
-            select = chunk_mask.bool()
-        rows, cols = select.nonzero(as_tuple=True)
-        metrics = compare_logits(base[rows, cols].cpu(), altered[rows, cols].cpu(), k)
-        metrics["row"] = (rows + start).cpu().numpy()
-        metrics["position"] = position_ids_from_mask(chunk_mask)[rows, cols].cpu().numpy()
-        for name, values in metrics.items():
-            parts.setdefault(name, []).append(values)
-    merged = {name: np.concatenate(values) for name, values in parts.items()}
+    items = _checked_arm(model, interventions, positions, k)
+    merged = _delta_metrics(model, prompts, [items], positions, k, batch_size)[0]
     meta = {"interventions": [i.to_dict() for i in items], "positions": positions}
     return LogitDeltaResult(**merged, k=k, meta=meta)
 
@@ -188,8 +214,11 @@ def logit_delta_by_layer(
     layers: Sequence[int] | None = None,
     positions: Positions = "last",
     k: int = 10,
+    batch_size: int = 16,
 ) -> LayerEffectResult:
     """Apply ``make_intervention(layer)`` one layer at a time and summarise each effect.
+
+    The clean run is shared: each batch of prompts runs once clean and once per layer.
 
     Example:
         >>> sweep = logit_delta_by_layer(model, "Hi", lambda l: Steer(layer=l, scale=4.0))
@@ -201,11 +230,9 @@ def logit_delta_by_layer(
         raise ValueError("layers: give at least one layer")
     for layer in layers:
         Intervention.check_layer(model, layer, "layers")
-    interventions = [make_intervention(layer) for layer in layers]
-    for intervention in interventions:
-        check_interventions(model, [intervention])
+    arms = [_checked_arm(model, make_intervention(layer), positions, k) for layer in layers]
     summaries = [
-        logit_delta(model, prompts, intervention, positions=positions, k=k).summary()
-        for intervention in interventions
+        LogitDeltaResult(**metrics, k=k).summary()
+        for metrics in _delta_metrics(model, prompts, arms, positions, k, batch_size)
     ]
     return LayerEffectResult(layers=layers, summaries=summaries)
