@@ -9,9 +9,8 @@ without it, measured in the same run (interleaved rounds, best round per arm).
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import add_model_args, model_from_args
+from common import add_model_args, best_times, model_from_args
 
 import mechmem
 from mechmem.methods.drugs import Drugs
@@ -34,7 +33,8 @@ def main() -> None:
     first = max(0, (n - args.layers) // 2)
     last = min(n, first + args.layers)
     # A floor profile that is 1 on layers [first, last) and 0 elsewhere.
-    profile = [(0.0, 0.0), (first / n, 1.0)] + ([(last / n, 0.0)] if last < n else [])
+    profile = ([(0.0, 0.0)] if first else []) + [(first / n, 1.0)]
+    profile += [(last / n, 0.0)] if last < n else []
     arms = {"no intervention": []}
     for site in args.sites:
         drugs = Drugs(sites=[site], dose=0.1, profile=profile, interpolation="floor")
@@ -42,18 +42,11 @@ def main() -> None:
     prompts = [PROMPT] * args.batch
 
     def run(interventions):
-        mechmem.generate(
+        return lambda: mechmem.generate(
             model, prompts, interventions, max_new_tokens=args.tokens, stop_at_eos=False
         )
 
-    for interventions in arms.values():
-        run(interventions)  # warm-up
-    best = {name: float("inf") for name in arms}
-    for _ in range(args.repeats):
-        for name, interventions in arms.items():
-            start = time.perf_counter()
-            run(interventions)
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = best_times({name: run(items) for name, items in arms.items()}, args.repeats)
     base = args.batch * args.tokens / best["no intervention"]
     print(
         f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "

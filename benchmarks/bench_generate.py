@@ -11,13 +11,12 @@ against the baselines measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from common import add_model_args, model_from_args
+from common import add_model_args, best_times, model_from_args
 
 import mechmem
-from mechmem.core.tokens import hf_tokenizer, left_pad
+from mechmem.core.tokens import encode_batch, encode_prompts, hf_tokenizer
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -33,9 +32,8 @@ PROMPTS = [
 
 def _arms(model, batch: int, tokens: int, hook_layers: int):
     tokenizer = hf_tokenizer(model)
-    prompts = PROMPTS[:batch]
-    ids, mask = left_pad([tokenizer(p).input_ids for p in prompts], tokenizer.pad_token_id)
-    ids, mask = ids.to(model.cfg.device), mask.to(model.cfg.device)
+    id_lists = encode_prompts(tokenizer, PROMPTS[:batch])
+    ids, mask = encode_batch(model, id_lists)
     hf = model.original_model
     identity = mechmem.Identity(layers=list(range(min(hook_layers, model.cfg.n_layers))))
 
@@ -64,7 +62,7 @@ def _arms(model, batch: int, tokens: int, hook_layers: int):
         def run():
             mechmem.generate(
                 model,
-                [t[m.bool()].tolist() for t, m in zip(ids, mask)],
+                id_lists,
                 interventions,
                 max_new_tokens=tokens,
                 stop_at_eos=False,
@@ -97,15 +95,7 @@ def main() -> None:
 
     rates: dict[tuple[int, str], float] = {}
     for batch in args.batches:
-        arms = _arms(model, batch, args.tokens, args.hook_layers)
-        for run in arms.values():  # warm-up
-            run()
-        best = {name: float("inf") for name in arms}
-        for _ in range(args.repeats):
-            for name, run in arms.items():
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = best_times(_arms(model, batch, args.tokens, args.hook_layers), args.repeats)
         for name, seconds in best.items():
             rates[batch, name] = batch * args.tokens / seconds
 

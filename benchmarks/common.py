@@ -1,8 +1,10 @@
-"""Model selection shared by the benchmark scripts."""
+"""Model selection and timing shared by the benchmark scripts."""
 
 from __future__ import annotations
 
 import argparse
+import time
+from collections.abc import Callable
 
 import mechmem
 
@@ -27,3 +29,17 @@ def model_from_args(args: argparse.Namespace):
     if args.random_smollm2:
         return smollm2_shaped_model(device=args.device)
     return mechmem.load_model(device=args.device)
+
+
+def best_times(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time (s) of each arm over ``repeats`` interleaved rounds, after one warm-up
+    run of every arm; interleaving spreads the machine's noise over all arms alike."""
+    for run in arms.values():
+        run()
+    best = {name: float("inf") for name in arms}
+    for _ in range(repeats):
+        for name, run in arms.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
