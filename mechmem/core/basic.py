@@ -86,7 +86,7 @@ class Steer(Intervention):
             direction = torch.randn(
                 d_model, generator=torch.Generator().manual_seed(self.config.seed)
             )
-        direction = direction / direction.norm()
+        direction = (direction / direction.norm()).to(model.cfg.device)  # moved once, not per call
 
         def add(activation, hook):
             if self.config.scale == 0:

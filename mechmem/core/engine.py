@@ -38,6 +38,7 @@ from mechmem.core.tokens import (
     eos_token_ids,
     hf_tokenizer,
     left_pad,
+    pad_token_id,
 )
 
 
@@ -163,8 +164,10 @@ def _validate(
     clean_tokens: int | None,
     callback_every: int,
     prompt_length: int,
-) -> None:
+) -> int:
+    """Check the decoding arguments; return how many tokens a window slide keeps (0: no window)."""
     n_ctx = int(model.cfg.n_ctx)
+    keep = 0
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(callback_every, int) or callback_every < 1:
@@ -187,6 +190,7 @@ def _validate(
         raise ValueError(f"clean_every: must be an integer >= 1, got {clean_every!r}")
     if clean_tokens is not None and (not isinstance(clean_tokens, int) or clean_tokens < 1):
         raise ValueError(f"clean_tokens: must be an integer >= 1, got {clean_tokens!r}")
+    return keep
 
 
 def generate(
@@ -260,7 +264,7 @@ def generate(
     check_token_ids(prompt_ids, int(model.cfg.d_vocab))
     batch = len(prompt_ids)
     prompt_length = max(len(ids) for ids in prompt_ids)
-    _validate(
+    keep = _validate(
         model,
         max_new_tokens,
         window,
@@ -280,7 +284,7 @@ def generate(
             raise ValueError(f"callbacks: {callback!r} is not callable")
 
     device = torch.device(model.cfg.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     ids, mask = left_pad(prompt_ids, pad_id, capacity=prompt_length + max_new_tokens)
     ids, mask = ids.to(device), mask.to(device)
     buffers = _Buffers(
@@ -301,7 +305,7 @@ def generate(
     if reset:
         for intervention in items:
             intervention.reset(device)
-    run = _Run(model, items, gate, buffers, window, window_keep)
+    run = _Run(model, items, gate, buffers, window, keep)
     result = GenerationResult(prompts=list(prompts) if not isinstance(prompts, str) else [prompts])
     result.prompt_tokens = prompt_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -367,13 +371,13 @@ def generate(
 class _Run:
     """The mutable state of one generation: buffers, cache and the columns it covers."""
 
-    def __init__(self, model, interventions, gate, buffers, window, window_keep) -> None:
+    def __init__(self, model, interventions, gate, buffers, window, keep) -> None:
         self.model = model
         self.interventions = interventions
         self.gate = gate
         self.buffers = buffers
         self.window = window
-        self.keep = window_keep if window_keep is not None else (window or 0) // 2
+        self.keep = keep  # tokens a window slide keeps
         self.cache = HookedKVCache(kv_hook_points(model))
         self.cache_start = 0  # first buffer column held in the cache
         self.end = 0  # one past the last buffer column fed to the model

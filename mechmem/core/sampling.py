@@ -69,8 +69,8 @@ class Sampler:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
             ordered, order = logits.sort(dim=-1, descending=True)
-            cumulative = ordered.softmax(-1).cumsum(-1)
-            drop = cumulative - ordered.softmax(-1) >= self.top_p  # keep the token crossing p
+            probs = ordered.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # keep the token crossing p
             logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
         return logits
 

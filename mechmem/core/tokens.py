@@ -120,6 +120,16 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's padding id, or 0 when it has none (padded columns are masked anyway).
+
+    Example:
+        >>> pad_token_id(tokenizer)  # doctest: +SKIP
+        2
+    """
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def encode_batch(model, prompts) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Tokenise ``prompts`` with the model's tokenizer and left-pad them, on the model's device.
 
@@ -129,6 +139,5 @@ def encode_batch(model, prompts) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, 
     tokenizer = hf_tokenizer(model)
     ids = encode_prompts(tokenizer, prompts)
     check_token_ids(ids, int(model.cfg.d_vocab))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens, mask = left_pad(ids, pad)
+    tokens, mask = left_pad(ids, pad_token_id(tokenizer))
     return tokens.to(model.cfg.device), mask.to(model.cfg.device)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from mechmem.core.config import Config, require
 from mechmem.core.intervention import Intervention
@@ -46,6 +47,8 @@ SITES: tuple[Site, ...] = ("H", "Q", "K", "V", "A")
 _HOOKS = {
     "H": "blocks.{layer}.attn.hook_in",
     "Q": "blocks.{layer}.attn.hook_q",
+    "K": kv_hook_name("{layer}", "k_cached"),
+    "V": kv_hook_name("{layer}", "v_cached"),
     "A": "blocks.{layer}.attn.hook_z",
 }
 
@@ -133,6 +136,18 @@ class Drugs(Intervention):
                 torch.Generator(device=self._device).manual_seed(s) for s in seeds
             ]
         self._doses = torch.tensor(c.row_doses or [c.dose] * batch, device=context.positions.device)
+        self._eligible: dict[bool, tuple[Tensor, list[int]]] = {}
+
+    def _eligibility(self, full_set: bool) -> tuple[Tensor, list[int]]:
+        """This step's perturbed positions (past the sinks, in rows with a dose > 0) and their
+        count per row, for the new tokens or the full key/value set; computed once per step,
+        since it is the same at every layer (a hooked layer's angle ratio is > 0)."""
+        if full_set not in self._eligible:
+            context = self.context
+            position_ids = context.key_position_ids if full_set else context.position_ids
+            eligible = (position_ids >= self.config.protect_first) & (self._doses[:, None] > 0)
+            self._eligible[full_set] = (eligible, eligible.sum(-1).tolist())
+        return self._eligible[full_set]
 
     def hooks(self, model):
         n_layers = int(model.cfg.n_layers)
@@ -142,10 +157,7 @@ class Drugs(Intervention):
             if ratio == 0.0:
                 continue
             for site in self.config.sites:
-                if site in _HOOKS:
-                    name = _HOOKS[site].format(layer=layer)
-                else:
-                    name = kv_hook_name(layer, "k_cached" if site == "K" else "v_cached")
+                name = _HOOKS[site].format(layer=layer)
                 specs.append((name, self._make_hook(ratio, full_set=site in ("K", "V"))))
         return specs
 
@@ -154,10 +166,8 @@ class Drugs(Intervention):
             context = self.context
             if context is None or (self.config.protect_inputs and context.phase == "prefill"):
                 return None
-            position_ids = context.key_position_ids if full_set else context.position_ids
+            eligible, counts = self._eligibility(full_set)
             angles = self._doses * ratio
-            eligible = (position_ids >= self.config.protect_first) & (angles[:, None] > 0)
-            counts = eligible.sum(-1).tolist()
             if not any(counts):
                 return None
             # Each row draws from its own generator (its noise must not depend on the rest of the

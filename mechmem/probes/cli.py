@@ -21,8 +21,11 @@ def default_texts() -> list[str]:
         >>> len(default_texts())
         64
     """
-    lines = files("mechmem").joinpath("data/texts.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip()]
+    return _nonblank_lines(files("mechmem").joinpath("data/texts.txt").read_text(encoding="utf-8"))
+
+
+def _nonblank_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _load_points(path: str) -> np.ndarray:
@@ -101,7 +104,7 @@ def run_probe(args: argparse.Namespace) -> int:
             raise ValueError(f"--skip-first: must be >= 0, got {args.skip_first}")
         texts = default_texts()
         if args.texts_file:
-            texts = [t.strip() for t in Path(args.texts_file).read_text().splitlines() if t.strip()]
+            texts = _nonblank_lines(Path(args.texts_file).read_text())
         model = mechmem.load_model(args.model, device=args.device)
         profile = id_profile(model, texts, n_boot=args.n_boot, seed=args.seed, **given, **fit)
         print(f"suggested layer (ID minimum after the first 20%): {profile.suggest_layer()}")

@@ -138,19 +138,18 @@ def layer_representations(
         Intervention.check_layer(model, layer, "layers")
     names = {layer: block_hook_name(model, layer, hook) for layer in layers}
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    with torch.no_grad():
+    captured: dict[int, torch.Tensor] = {}  # the current batch's activations, by layer
+
+    def capture(layer: int):
+        def keep(activation, hook):
+            captured[layer] = activation.detach().float()
+
+        return keep
+
+    with torch.no_grad(), attached(model, [(names[layer], capture(layer)) for layer in layers]):
         for start in range(0, len(texts), batch_size):
             tokens, mask = encode_batch(model, ids[start : start + batch_size])
-            captured: dict[int, torch.Tensor] = {}
-
-            def capture(layer: int, into: dict[int, torch.Tensor] = captured):
-                def keep(activation, hook):
-                    into[layer] = activation.detach().float()
-
-                return keep
-
-            with attached(model, [(names[layer], capture(layer)) for layer in layers]):
-                forward(model, tokens, interventions, attention_mask=mask)
+            forward(model, tokens, interventions, attention_mask=mask)
             pooled_mask = position_ids_from_mask(mask) >= skipped
             weights = pooled_mask.float()
             for layer in layers:

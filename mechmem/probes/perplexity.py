@@ -96,7 +96,7 @@ def perplexity(
         nll[scored_until:end] = losses[first_new:]
         scored_until = end
         n_windows += 1
-        begin = min(begin + stride, max(len(ids) - window, 0)) if end < len(ids) else begin
+        begin = min(begin + stride, len(ids) - window)  # the last window ends at the text's end
     token_nll = nll[1:].numpy()
     mean = float(token_nll.mean())
     return PerplexityResult(
