@@ -3,7 +3,8 @@
 from mechmem.core.basic import Identity, Steer
 from mechmem.core.config import Config, require
 from mechmem.core.context import StepContext
-from mechmem.core.engine import Progress, forward, generate
+from mechmem.core.decoding import Progress
+from mechmem.core.engine import forward, generate
 from mechmem.core.intervention import Intervention, intervention_from_dict
 from mechmem.core.result import GenerationResult
 

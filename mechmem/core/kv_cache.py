@@ -72,6 +72,25 @@ class HookedKVCache(DynamicCache):
             self._through(values, kv_hook_name(layer_idx, "v_cached")),
         )
 
+    def copy(self, batch: int = 1) -> HookedKVCache:
+        """A new cache with these entries, each repeated ``batch`` times along the batch axis.
+
+        The copy shares this cache's tensors as read-only views: ``update`` concatenates and
+        ``crop`` slices, so nothing the copy does writes into this cache.
+
+        Example:
+            >>> rows = prefix_cache.copy(batch=4)  # doctest: +SKIP
+        """
+        clone = HookedKVCache(self.hook_points)
+        for index, (keys, values) in enumerate(self.entries()):
+            shape = (batch, -1, -1, -1)
+            DynamicCache.update(clone, keys.expand(shape), values.expand(shape), index)
+        return clone
+
+    def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(keys, values)`` of every layer, HF layout ``[batch, kv_heads, pos, d_head]``."""
+        return [(layer.keys, layer.values) for layer in self.layers if layer.is_initialized]
+
     def _through(self, states: torch.Tensor, name: str) -> torch.Tensor:
         point = self.hook_points.points.get(name)
         if point is None or not point._forward_hooks:

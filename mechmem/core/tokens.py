@@ -28,11 +28,34 @@ def hf_tokenizer(model):
     return tokenizer
 
 
+def chat_ids(
+    tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool
+) -> list[int]:
+    """Token ids of ``messages`` written by the tokenizer's chat template.
+
+    Example:
+        >>> messages = [{"role": "user", "content": "Hi"}]
+        >>> chat_ids(tokenizer, messages, add_generation_prompt=True)  # doctest: +SKIP
+        [1, 4093, 198, 17535, 2, 198, 1, 520, 9531, 198]
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("chat=True but this tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def encode_prompts(
-    tokenizer, prompts, *, chat: bool = False, system_prompt: str | None = None
+    tokenizer,
+    prompts,
+    *,
+    chat: bool = False,
+    system_prompt: str | None = None,
+    special: bool = True,
 ) -> list[list[int]]:
-    """Token ids of each prompt: text as the tokenizer encodes it (with its own special tokens),
-    optionally wrapped in its chat template; token id lists pass through.
+    """Token ids of each prompt: text as the tokenizer encodes it (with its own special tokens
+    unless ``special=False``), optionally wrapped in its chat template; token id lists pass through.
 
     Example:
         >>> encode_prompts(tokenizer, [[1, 2]])  # doctest: +SKIP
@@ -50,16 +73,11 @@ def encode_prompts(
             if not prompt:
                 raise ValueError(f"prompts[{index}] is an empty string")
             if chat:
-                if getattr(tokenizer, "chat_template", None) is None:
-                    raise ValueError("chat=True but this tokenizer has no chat template")
                 messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
                 messages.append({"role": "user", "content": prompt})
-                text = tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-                ids = tokenizer(text, add_special_tokens=False).input_ids
+                ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
             else:
-                ids = tokenizer(prompt).input_ids
+                ids = tokenizer(prompt, add_special_tokens=special).input_ids
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:

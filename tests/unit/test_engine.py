@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import mechmem
-from mechmem.core import engine
+from mechmem.core import decoding
 from mechmem.core.config import Config
 from mechmem.core.context import position_ids_from_mask
 from mechmem.core.intervention import Intervention
@@ -616,7 +616,7 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def clean_spy(monkeypatch):
     """Snapshots the run's cache before and after every clean recompute."""
     snapshots = []
-    original = engine._Run.clean_recompute
+    original = decoding.Run.clean_recompute
 
     def spy(self, n_tokens, step):
         before = _cache_tensors(self.cache)
@@ -633,7 +633,7 @@ def clean_spy(monkeypatch):
             )
         )
 
-    monkeypatch.setattr(engine._Run, "clean_recompute", spy)
+    monkeypatch.setattr(decoding.Run, "clean_recompute", spy)
     return snapshots
 
 
