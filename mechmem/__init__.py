@@ -18,17 +18,21 @@ from mechmem.core import (
     generate,
     intervention_from_dict,
 )
+from mechmem.methods.drugs import Drugs
+from mechmem.methods.rdnet import RDNet
 from mechmem.models import ModelLoadError, load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Config",
+    "Drugs",
     "GenerationResult",
     "Identity",
     "Intervention",
     "ModelLoadError",
     "Progress",
+    "RDNet",
     "Steer",
     "StepContext",
     "forward",

@@ -8,6 +8,7 @@ Examples:
     mechmem probe twonn --texts-file texts.txt --out results/
     mechmem probe twonn --points activations.npy --out results/
     mechmem run drugs --out results/ --set 'seeds=[0,1]'
+    mechmem run rdnet --tokens 2000 --out results/
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("models", help="list the models mechmem can load and the cache folder")
 
     run = commands.add_parser("run", help="run an experiment; writes JSON and HTML to --out")
-    run.add_argument("experiment", choices=["drugs"])
+    run.add_argument("experiment", choices=["drugs", "rdnet"])
     _add_model_args(run)
     run.add_argument("--config", default=None, help="JSON file of config overrides")
     run.add_argument(
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="override one config field, e.g. --set 'seeds=[0,1]' (repeatable)",
     )
+    run.add_argument("--tokens", type=int, default=None, help="rdnet: same as --set tokens=N")
     run.add_argument("--out", default="results", help="output folder")
     run.add_argument("--progress", action="store_true", help="show progress bars")
 
@@ -169,6 +171,8 @@ def _run(args: argparse.Namespace) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError as error:
             raise ValueError(f"--set {key}: value is not JSON ({error})") from error
+    if args.tokens is not None:
+        overrides["tokens"] = args.tokens
     config = config_class.from_dict(overrides)  # bad config: clear error before any model loads
     model = mechmem.load_model(args.model, device=args.device)
     results = run(model, config, out=args.out, progress=args.progress)

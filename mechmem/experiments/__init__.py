@@ -2,11 +2,21 @@
 
 Example:
     >>> sorted(EXPERIMENTS)
-    ['drugs']
+    ['drugs', 'rdnet']
 """
 
 from mechmem.experiments.drugs import DrugsExperimentConfig, run_drugs
+from mechmem.experiments.rdnet import RDNetExperimentConfig, run_rdnet
 
-EXPERIMENTS = {"drugs": (DrugsExperimentConfig, run_drugs)}
+EXPERIMENTS = {
+    "drugs": (DrugsExperimentConfig, run_drugs),
+    "rdnet": (RDNetExperimentConfig, run_rdnet),
+}
 
-__all__ = ["EXPERIMENTS", "DrugsExperimentConfig", "run_drugs"]
+__all__ = [
+    "EXPERIMENTS",
+    "DrugsExperimentConfig",
+    "RDNetExperimentConfig",
+    "run_drugs",
+    "run_rdnet",
+]
