@@ -7,7 +7,9 @@ fresh ``torch.Generator`` seeded from the config) and :meth:`Intervention.begin_
 applies in order. At zero strength an intervention must leave the logits exactly unchanged.
 
 Subclasses register themselves under ``name`` so that :func:`intervention_from_dict` can rebuild
-any of them from JSON.
+any of them from JSON. State that must survive a saved session or a rewound turn (memories,
+per-row generators, counters) is named in ``state_attributes``; :meth:`Intervention.state_dict`
+turns it into tensors and :meth:`Intervention.load_state_dict` puts it back.
 
 Example:
     >>> from dataclasses import dataclass
@@ -32,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
+from torch import Tensor
 
 from mechmem.core.config import Config
 from mechmem.core.context import StepContext
@@ -53,6 +56,7 @@ class Intervention:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[Config]] = Config
+    state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -89,6 +93,47 @@ class Intervention:
         """Called by the engine before every forward pass."""
         self.context = context
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """A copy of this intervention's state as CPU tensors: its generator and every attribute
+        named in ``state_attributes`` (a tensor, a generator, an int or float, ``None``, or a list
+        of those).
+
+        Example:
+            >>> sorted(Steer().state_dict())  # doctest: +SKIP
+            ['generator#generator']
+        """
+        state: dict[str, Tensor] = {}
+        _pack(state, "generator", self.generator)
+        for attribute in self.state_attributes:
+            value = getattr(self, attribute)
+            if isinstance(value, list):
+                for index, item in enumerate(value):
+                    _pack(state, f"{attribute}.{index}", item)
+            else:
+                _pack(state, attribute, value)
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` returned (tensors go to the generator's device).
+
+        Example:
+            >>> saved = drugs.state_dict()                       # doctest: +SKIP
+            >>> drugs.reset(); drugs.load_state_dict(saved)      # doctest: +SKIP
+        """
+        stored = {key.split("#")[0] for key in state}
+        unknown = {key.split(".")[0] for key in stored} - {"generator", *self.state_attributes}
+        if unknown:
+            raise ValueError(f"{self.name}: the state has unknown entries {sorted(unknown)}")
+        device = self.generator.device
+        self.generator = _unpack(state, "generator", device)
+        for attribute in self.state_attributes:
+            if isinstance(getattr(self, attribute), list) or f"{attribute}.0" in stored:
+                count = sum(1 for key in stored if key.startswith(f"{attribute}."))
+                items = [_unpack(state, f"{attribute}.{i}", device) for i in range(count)]
+                setattr(self, attribute, items)
+            else:
+                setattr(self, attribute, _unpack(state, attribute, device))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready description: ``{"type": name, **config}``."""
         return {"type": self.name, **self.config.to_dict()}
@@ -105,6 +150,34 @@ class Intervention:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
+
+
+def _pack(state: dict[str, Tensor], key: str, value: Any) -> None:
+    """Store ``value`` under ``key``, its kind after a ``#`` (nothing is stored for ``None``)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Generator):
+        state[f"{key}#generator"] = value.get_state().clone()
+    elif isinstance(value, Tensor):
+        state[f"{key}#tensor"] = value.detach().to("cpu", copy=True)
+    elif isinstance(value, bool | int | float):
+        state[f"{key}#{type(value).__name__}"] = torch.tensor(value)
+    else:
+        raise TypeError(f"state entry {key!r}: cannot store a {type(value).__name__}")
+
+
+def _unpack(state: dict[str, Tensor], key: str, device: torch.device) -> Any:
+    """The value :func:`_pack` stored under ``key``, or ``None``."""
+    if (saved := state.get(f"{key}#generator")) is not None:
+        generator = torch.Generator(device=device)
+        generator.set_state(saved.clone())
+        return generator
+    if (saved := state.get(f"{key}#tensor")) is not None:
+        return saved.to(device, copy=True)
+    for kind in (bool, int, float):
+        if (saved := state.get(f"{key}#{kind.__name__}")) is not None:
+            return kind(saved.item())
+    return None
 
 
 def intervention_from_dict(data: dict[str, Any]) -> Intervention:

@@ -72,6 +72,18 @@ class HookedKVCache(DynamicCache):
             self._through(values, kv_hook_name(layer_idx, "v_cached")),
         )
 
+    @classmethod
+    def of(cls, points: KVHookPoints, entries) -> HookedKVCache:
+        """A cache holding ``entries``: ``(keys, values)`` per layer, ``[batch, kv_heads, pos, d]``.
+
+        Example:
+            >>> cache = HookedKVCache.of(points, old.entries())  # doctest: +SKIP
+        """
+        cache = cls(points)
+        for index, (keys, values) in enumerate(entries):
+            DynamicCache.update(cache, keys, values, index)
+        return cache
+
     def copy(self, batch: int = 1) -> HookedKVCache:
         """A new cache with these entries, each repeated ``batch`` times along the batch axis.
 
@@ -81,11 +93,9 @@ class HookedKVCache(DynamicCache):
         Example:
             >>> rows = prefix_cache.copy(batch=4)  # doctest: +SKIP
         """
-        clone = HookedKVCache(self.hook_points)
-        for index, (keys, values) in enumerate(self.entries()):
-            shape = (batch, -1, -1, -1)
-            DynamicCache.update(clone, keys.expand(shape), values.expand(shape), index)
-        return clone
+        shape = (batch, -1, -1, -1)
+        entries = [(keys.expand(shape), values.expand(shape)) for keys, values in self.entries()]
+        return HookedKVCache.of(self.hook_points, entries)
 
     def entries(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(keys, values)`` of every layer, HF layout ``[batch, kv_heads, pos, d_head]``."""

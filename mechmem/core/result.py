@@ -50,6 +50,17 @@ class GenerationResult:
         total = sum(len(t) for t in self.tokens)
         return total / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationResult:
+        """Rebuild a result from :meth:`to_dict` (derived fields such as the rate are ignored).
+
+        Example:
+            >>> GenerationResult.from_dict({"tokens": [[1]], "elapsed_s": 1.0}).tokens_per_second
+            1.0
+        """
+        names = {f for f in cls.__dataclass_fields__ if f not in ("logits", "cache")}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (logits left out)."""
         return {
