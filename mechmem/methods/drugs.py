@@ -108,6 +108,7 @@ class Drugs(Intervention):
 
     name = "drugs"
     config_class = DrugsConfig
+    state_attributes = ("_row_generators",)
 
     def reset(self, device=None) -> None:
         super().reset(device)
