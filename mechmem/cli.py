@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("models", help="list the models mechmem can load and the cache folder")
 
+    chat = commands.add_parser("chat", help="an interactive conversation (a mechmem Session)")
+    _add_model_args(chat)
+    chat.add_argument(
+        "--interventions", default=None, help="JSON file: one intervention dict or a list of them"
+    )
+    chat.add_argument("--load", default=None, help="continue a session saved with /save")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--raw", action="store_true", help="no chat template: raw text continues")
+    chat.add_argument("--window", type=int, default=None, help="sliding context window")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    chat.add_argument("--temperature", type=float, default=1.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+
     run = commands.add_parser("run", help="run an experiment; writes JSON and HTML to --out")
     run.add_argument("experiment", choices=["drugs", "rdnet"])
     _add_model_args(run)
@@ -142,6 +156,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    import mechmem
+    from mechmem.chat import chat_loop, interventions_from_file
+
+    items = interventions_from_file(args.interventions) if args.interventions else []
+    model = mechmem.load_model(args.model, device=args.device)
+    if args.load:
+        session = mechmem.Session.load(args.load, model)
+    else:
+        session = mechmem.Session(
+            model, items, chat=not args.raw, system_prompt=args.system, window=args.window
+        )
+    decoding = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p)
+    chat_loop(session, max_new_tokens=args.max_new_tokens, **decoding)
+    return 0
+
+
 def _models(_: argparse.Namespace) -> int:
     from mechmem.models import EMBEDDED_ALIASES, EMBEDDED_PACKAGE, cache_dir
 
@@ -192,7 +223,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mechmem.models import ModelLoadError
 
     args = _parser().parse_args(argv)
-    handlers = {"generate": _generate, "models": _models, "probe": _probe, "run": _run}
+    handlers = {
+        "chat": _chat,
+        "generate": _generate,
+        "models": _models,
+        "probe": _probe,
+        "run": _run,
+    }
     try:
         return handlers[args.command](args)
     except (ValueError, ModelLoadError) as error:  # bad input: one clear line, no traceback
