@@ -195,8 +195,14 @@ class RDNet(Intervention):
             self.check_layer(model, layer)
             return [(f"blocks.{layer}.hook_resid_post", self._fast_weight_hook)]
         self._memory(int(model.cfg.d_model), int(model.cfg.d_vocab), model.cfg.device)
+        # The final norm is applied here to the last block's output rather than read at
+        # ln_final.hook_out: a hook inside the norm would move the model off its fast path
+        # (mechmem.core.fastpath), whose numbers differ in the last bits, and gain 0 must be
+        # the base model bit for bit.
+        self._final_norm = model.ln_final.original_component
+        last = int(model.cfg.n_layers) - 1
         return [
-            ("ln_final.hook_out", self._keep_hidden),
+            (f"blocks.{last}.hook_resid_post", self._keep_hidden),
             ("unembed.hook_out", self._faithful_hook),
         ]
 
@@ -225,7 +231,8 @@ class RDNet(Intervention):
         return [row for row, gain in enumerate(self._gains) if gain != 0]
 
     def _keep_hidden(self, activation, hook):
-        self._hidden = activation[:, -1].detach()
+        if self._active_rows():
+            self._hidden = self._final_norm(activation[:, -1:])[:, 0].detach()
 
     def _faithful_hook(self, activation, hook):
         rows = self._active_rows()
