@@ -50,14 +50,16 @@ class Turn:
         text: the message sent.
         result: the reply (``prompt_tokens`` holds the tokens the turn fed before it).
         messages_before: ``len(session.messages)`` before the turn.
-        tokens_before: ``len(session)`` before the turn.
+        tokens_before: ``session.tokens`` before the turn.
+        cached_before: how many of them the cache held.
         state_before: every intervention's :meth:`~Intervention.state_dict` before the turn.
     """
 
     text: str
     result: GenerationResult
     messages_before: int
-    tokens_before: int
+    tokens_before: list[int]
+    cached_before: int
     state_before: list[dict[str, Tensor]]
 
 
@@ -191,7 +193,9 @@ class Session:
             raise
         result.prompts = [text]
         result.prompt_tokens = [ids[common:]]
-        self.turns.append(Turn(text, result, len(self.messages), len(self.tokens), state_before))
+        self.turns.append(
+            Turn(text, result, len(self.messages), self.tokens, self._cached, state_before)
+        )
         self.messages += [
             {"role": "user", "content": text},
             {"role": "assistant", "content": result.text[0]},
@@ -235,9 +239,11 @@ class Session:
             )
         turn = self.turns[-n_turns]
         del self.turns[-n_turns:]
+        # The template may have rewritten earlier replies since: keep the cache only as far as
+        # it still matches the restored tokens.
+        keep = _common_length(self.tokens[: turn.cached_before], turn.tokens_before)
         self.messages = self.messages[: turn.messages_before]
-        self.tokens = self.tokens[: turn.tokens_before]
-        keep = min(self._cached, turn.tokens_before)
+        self.tokens = list(turn.tokens_before)
         if keep <= self._cache_start:
             self._cache, self._cache_start, self._cached = None, 0, 0
         elif self._cache is not None:
@@ -312,6 +318,7 @@ class Session:
                     "result": turn.result.to_dict(),
                     "messages_before": turn.messages_before,
                     "tokens_before": turn.tokens_before,
+                    "cached_before": turn.cached_before,
                 }
                 for turn in self.turns
             ],
@@ -361,6 +368,7 @@ class Session:
                     GenerationResult.from_dict(turn["result"]),
                     turn["messages_before"],
                     turn["tokens_before"],
+                    turn["cached_before"],
                     states,
                 )
             )
