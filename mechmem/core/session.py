@@ -232,6 +232,8 @@ class Session:
         Example:
             >>> session.rewind(2)  # doctest: +SKIP
         """
+        if not self.turns:
+            raise ValueError("rewind: there are no turns to rewind")
         if not isinstance(n_turns, int) or not 1 <= n_turns <= len(self.turns):
             raise ValueError(
                 f"rewind: n_turns must be in [1, {len(self.turns)}] (the turns so far), "

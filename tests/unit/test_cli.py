@@ -200,3 +200,35 @@ def test_unknown_command_exits_by_argparse():
     with pytest.raises(SystemExit) as caught:
         main(["frobnicate"])
     assert caught.value.code == 2
+
+
+def test_chat_runs_a_session_with_commands(fake_load, tiny, tmp_path, monkeypatch, capsys):
+    steer = tmp_path / "steer.json"
+    steer.write_text(json.dumps([{"type": "steer", "layer": 1, "scale": 2.0}]))
+    lines = iter(
+        ["hello", "/rewind", "/rewind", "again", "/shower", "/bogus", f"/save {tmp_path}/s"]
+    )
+
+    def read(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", read)
+    code = main(["chat", "--interventions", str(steer), "--max-new-tokens", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2
+    assert "(rewound; 0 turns, 0 tokens)" in out
+    assert "error: rewind: there are no turns" in out and "error: unknown command '/bogus'" in out
+    saved = mechmem.Session.load(tmp_path / "s", tiny("llama"))
+    assert len(saved.turns) == 1 and saved.interventions[0].to_dict()["scale"] == 2.0
+
+
+def test_chat_rejects_a_bad_interventions_file_before_loading(fake_load, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"type": "steer", "scale": 1.0, "colour": "red"}))
+    assert main(["chat", "--interventions", str(bad)]) == 2
+    assert "colour" in capsys.readouterr().err
+    assert fake_load == []
