@@ -193,3 +193,30 @@ def repetition_figure(
         )
     fig.update_layout(title=title, xaxis_title="generated tokens", yaxis_title="value")
     return fig
+
+
+def turn_effect_figure(
+    arms: dict[str, Sequence[dict]], title: str = "Effect of the interventions per turn"
+) -> go.Figure:
+    """KL(P_int‖P_clean) per turn (bars) and top-1 agreement (markers), one colour per arm.
+
+    Example:
+        >>> turn_effect_figure({"steer": turn_effects(session)})  # doctest: +SKIP
+    """
+    if not arms or not all(arms.values()):
+        raise ValueError("arms: give at least one arm with at least one turn")
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for name, effects in arms.items():
+        turns = [f"turn {e['turn'] + 1}" for e in effects]
+        fig.add_bar(x=turns, y=[e["kl_forward"] for e in effects], name=f"{name}: KL")
+        fig.add_scatter(
+            x=turns,
+            y=[e["top1_agreement"] for e in effects],
+            name=f"{name}: top-1 agreement",
+            mode="markers+lines",
+            secondary_y=True,
+        )
+    fig.update_layout(title=title, barmode="group")
+    fig.update_yaxes(title_text="KL(P_int‖P_clean), nats", secondary_y=False)
+    fig.update_yaxes(title_text="top-1 agreement", range=[0, 1.05], secondary_y=True)
+    return fig

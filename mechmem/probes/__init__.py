@@ -11,6 +11,7 @@ from mechmem.probes.logit_delta import (
 from mechmem.probes.perplexity import PerplexityResult, perplexity
 from mechmem.probes.repetition import RepetitionMonitor, distinct_n, rep_n, self_bleu
 from mechmem.probes.traces import TraceRecorder
+from mechmem.probes.turn_effect import turn_effects
 from mechmem.probes.twonn import TwoNNResult, twonn, twonn_bootstrap
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "perplexity",
     "rep_n",
     "self_bleu",
+    "turn_effects",
     "twonn",
     "twonn_bootstrap",
 ]

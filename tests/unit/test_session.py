@@ -400,3 +400,32 @@ def test_save_replaces_a_file_whole_and_leaves_no_temporary(tiny, tmp_path):
     session.save(path)
     assert mechmem.Session.load(path, tiny("llama")).tokens == session.tokens
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
+
+
+# ------------------------------------------------------------------------------- turn effects
+
+
+def test_turn_effects_are_zero_at_zero_strength_and_positive_above(tiny):
+    from mechmem.plots import turn_effect_figure
+    from mechmem.probes import turn_effects
+
+    arms = {}
+    for scale in (0.0, 3.0):
+        session = mechmem.Session(tiny("llama"), [mechmem.Steer(layer=1, scale=scale)])
+        for question in QUESTIONS[:3]:
+            session.send(question, return_logits=True, **GREEDY)
+        arms[scale] = turn_effects(session)
+    assert [e["turn"] for e in arms[3.0]] == [0, 1, 2]
+    assert all(e["kl_forward"] < 1e-6 and e["top1_agreement"] == 1.0 for e in arms[0.0])
+    assert all(e["kl_forward"] > 1e-3 for e in arms[3.0])
+    figure = turn_effect_figure({"scale 0": arms[0.0], "scale 3": arms[3.0]})
+    assert len(figure.data) == 4
+
+
+def test_turn_effects_need_the_logits(tiny):
+    from mechmem.probes import turn_effects
+
+    session = mechmem.Session(tiny("llama"))
+    session.send("hi", **GREEDY)
+    with pytest.raises(ValueError, match="return_logits"):
+        turn_effects(session)
