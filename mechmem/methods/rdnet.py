@@ -243,19 +243,21 @@ class RDNet(Intervention):
         keys, values, projection = self._memory(
             self._hidden.shape[-1], activation.shape[-1], activation.device
         )
-        out = activation.clone()
+        drifted = torch.empty_like(keys)  # one buffer for every row's K + σ·ε
+        reads = []
         for row in rows:
-            noise = torch.randn(
-                keys.shape, generator=self._generators[row], device=keys.device, dtype=keys.dtype
-            )
-            drifted = keys + self._sigma * noise
+            drifted.normal_(generator=self._generators[row]).mul_(self._sigma).add_(keys)
             slot_norms = drifted.norm(dim=-1)
             h = self._hidden[row].to(keys.dtype)
             cosines = (drifted @ h) / (slot_norms * h.norm()).clamp_min(1e-8)
             weights = (cosines / self.config.cosine_temperature).softmax(-1)
-            shift = self._gains[row] * ((weights @ values) @ projection)
-            out[row, -1] += shift.to(out.dtype)
+            reads.append(weights @ values)
             self._memory_norms[row] = float(slot_norms.square().sum().sqrt())
+        gains = torch.tensor([self._gains[row] for row in rows], device=keys.device)
+        shifts = gains[:, None] * (torch.stack(reads) @ projection)  # one pass over W_p
+        out = activation.clone()
+        out[rows, -1] += shifts.to(out.dtype)
+        for row, shift in zip(rows, shifts):
             self._readout_norms[row] = float(shift.norm())
         return out
 
