@@ -16,11 +16,13 @@ per head otherwise) is rotated by θ ~ U(0, θ_ℓ) toward a random direction (:
 θ_ℓ = profile(ℓ/L) · dose (:mod:`.depth_profile`).
 
 Per row: its own dose (``row_doses``, so a dose sweep runs as one batch), its own generator
-(``row_seeds``; by default every row uses ``seed``, so a row's noise does not depend on the rest
-of the batch), and sink protection of the first ``protect_first`` positions the model sees in that
-row. ``protect_inputs`` switches noise off during the prompt's prefill. The periodic cold shower is
-the engine's ``generate(..., clean_every=t)``: every t tokens the recent cache entries are
-recomputed with every intervention off.
+(``row_seeds``; by default every row uses ``seed``, so a row's noise does not depend on the other
+rows, only on the forward's width: a row draws for every column, padding included), and sink
+protection of the first ``protect_first`` positions the model sees in that row. ``protect_inputs``
+switches noise off during the prompt's prefill. The periodic cold shower is the engine's
+``generate(..., clean_every=t)``: every t tokens the recent cache entries are recomputed with
+every intervention off. The hooks never read the device on the host: eligibility is a mask
+computed once per step, applied with ``torch.where``.
 
 Example:
     >>> drugs = Drugs(sites=["H"], dose=0.1, profile=peak_profile(0.4, 0.2))
@@ -114,6 +116,7 @@ class Drugs(Intervention):
         super().reset(device)
         self._device = device or "cpu"
         self._row_generators: list[torch.Generator] = []
+        self._doses: Tensor | None = None
 
     def layer_angles(self, n_layers: int) -> list[float]:
         """Peak angle θ_ℓ / dose of each layer: the profile at depth ℓ / L."""
@@ -136,18 +139,21 @@ class Drugs(Intervention):
             self._row_generators = [
                 torch.Generator(device=self._device).manual_seed(s) for s in seeds
             ]
-        self._doses = torch.tensor(c.row_doses or [c.dose] * batch, device=context.positions.device)
-        self._eligible: dict[bool, tuple[Tensor, list[int]]] = {}
+        if self._doses is None or len(self._doses) != batch:
+            doses = c.row_doses or [c.dose] * batch
+            self._doses = torch.tensor(doses, device=context.positions.device)
+            self._dosed = any(dose > 0 for dose in doses)
+        self._eligible: dict[bool, Tensor] = {}
 
-    def _eligibility(self, full_set: bool) -> tuple[Tensor, list[int]]:
-        """This step's perturbed positions (past the sinks, in rows with a dose > 0) and their
-        count per row, for the new tokens or the full key/value set; computed once per step,
-        since it is the same at every layer (a hooked layer's angle ratio is > 0)."""
+    def _eligibility(self, full_set: bool) -> Tensor:
+        """This step's perturbed columns ``[batch, columns]`` (past the sinks, in rows with a
+        dose > 0), for the new tokens or the full key/value set. Computed once per step on the
+        device (it is the same at every layer) and never read on the host."""
         if full_set not in self._eligible:
             context = self.context
             position_ids = context.key_position_ids if full_set else context.position_ids
             eligible = (position_ids >= self.config.protect_first) & (self._doses[:, None] > 0)
-            self._eligible[full_set] = (eligible, eligible.sum(-1).tolist())
+            self._eligible[full_set] = eligible
         return self._eligible[full_set]
 
     def hooks(self, model):
@@ -165,27 +171,29 @@ class Drugs(Intervention):
     def _make_hook(self, ratio: float, full_set: bool):
         def perturb(activation, hook):
             context = self.context
-            if context is None or (self.config.protect_inputs and context.phase == "prefill"):
+            if context is None or not self._dosed:
                 return None
-            eligible, counts = self._eligibility(full_set)
-            angles = self._doses * ratio
-            if not any(counts):
+            if self.config.protect_inputs and context.phase == "prefill":
                 return None
-            # Each row draws from its own generator (its noise must not depend on the rest of the
-            # batch); the rotation itself runs once over every eligible vector of the batch.
-            vectors = activation[eligible]  # [n_eligible, (heads,) d]
-            per_column = vectors[..., 0].numel() // sum(counts)
-            d = vectors.shape[-1]
+            d = activation.shape[-1]
+            per_row = activation[0].numel() // d  # columns x heads vectors
+            # Each row draws from its own generator for every one of its vectors, eligible or
+            # not: no count is read on the host, and a row's noise depends on its own seed and
+            # the forward's width, not on the other rows. The rotation runs once over the batch
+            # and a mask keeps the ineligible vectors as they were.
+            draw = dict(device=activation.device, dtype=activation.dtype)
             thetas, directions = [], []
-            for row, count in enumerate(counts):
-                if count:
-                    n, generator = count * per_column, self._row_generators[row]
-                    draw = dict(generator=generator, device=vectors.device, dtype=vectors.dtype)
-                    thetas.append(torch.rand(n, **draw) * angles[row])
-                    directions.append(draw_directions((n, d), self.config.direction, **draw))
-            rotated = rotate(vectors.reshape(-1, d), torch.cat(thetas), torch.cat(directions))
-            out = activation.clone()
-            out[eligible] = rotated.reshape(vectors.shape)
-            return out
+            for generator in self._row_generators:
+                thetas.append(torch.rand(per_row, generator=generator, **draw))
+                directions.append(
+                    draw_directions((per_row, d), self.config.direction, generator, **draw)
+                )
+            angles = torch.stack(thetas) * (self._doses[:, None] * ratio)
+            rotated = rotate(
+                activation.reshape(-1, d), angles.reshape(-1), torch.cat(directions)
+            ).reshape(activation.shape)
+            eligible = self._eligibility(full_set)
+            mask = eligible.reshape(*eligible.shape, *[1] * (activation.ndim - 2))
+            return torch.where(mask, rotated, activation)
 
         return perturb
