@@ -429,3 +429,37 @@ def test_turn_effects_need_the_logits(tiny):
     session.send("hi", **GREEDY)
     with pytest.raises(ValueError, match="return_logits"):
         turn_effects(session)
+
+
+class Fails(Recorder):
+    """Raises inside the forward pass once ``armed`` (a hook on the first block's output)."""
+
+    name = "test-session-fails"
+
+    def reset(self, device=None) -> None:
+        super().reset(device)
+        self.armed = False
+
+    def hooks(self, model):
+        def explode(activation, hook):
+            if self.armed and self.calls > 2:
+                raise KeyboardInterrupt
+            return activation
+
+        return [("blocks.0.hook_resid_post", explode)]
+
+
+def test_an_interrupted_turn_leaves_the_session_as_it_was(tiny):
+    failing, clean = Fails(), Fails()
+    session = mechmem.Session(tiny("llama"), [failing])
+    reference = mechmem.Session(tiny("llama"), [clean])
+    for s in (session, reference):
+        s.send("hi", **GREEDY)
+    before = (list(session.tokens), list(session.messages), session.cached_range, failing.calls)
+    failing.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        session.send("again", **GREEDY)
+    failing.armed = False
+    after = (session.tokens, session.messages, session.cached_range, failing.calls)
+    assert after == before and len(session.turns) == 1
+    assert session.send("again", **GREEDY).tokens == reference.send("again", **GREEDY).tokens
