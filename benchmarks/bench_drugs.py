@@ -1,8 +1,10 @@
 """Throughput of mechmem's engine with DRµGS on one site over 10 layers, against the same engine
-without it, measured in the same run (interleaved rounds, best round per arm).
+without it and against an untouched HF model with the same weights (eager attention), measured in
+the same run (interleaved rounds, best round per arm).
 
     python benchmarks/bench_drugs.py                     # embedded SmolLM2-135M
     python benchmarks/bench_drugs.py --sites H K --batch 8
+    python benchmarks/bench_drugs.py --no-fast           # mechmem on TransformerLens' own path
     python benchmarks/bench_drugs.py --tiny llama        # smoke run on a tiny random model
 """
 
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_model_args, best_times, model_from_args
+from common import add_model_args, best_times, model_from_args, untouched_hf
 
 import mechmem
+from mechmem.core.tokens import encode_batch
 from mechmem.methods.drugs import Drugs
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -25,10 +28,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=10, help="noisy layers (from the middle)")
     parser.add_argument("--sites", nargs="+", default=["H", "Q", "K", "V", "A"])
+    parser.add_argument(
+        "--no-fast", action="store_true", help="mechmem without its fast path (TL's own path)"
+    )
     add_model_args(parser)
     args = parser.parse_args()
 
-    model = model_from_args(args)
+    model = model_from_args(args, fast=not args.no_fast)
+    hf = untouched_hf(args)
     n = int(model.cfg.n_layers)
     first = max(0, (n - args.layers) // 2)
     last = min(n, first + args.layers)
@@ -40,23 +47,37 @@ def main() -> None:
         drugs = Drugs(sites=[site], dose=0.1, profile=profile, interpolation="floor")
         arms[f"DRµGS {site} x{last - first} layers"] = [drugs]
     prompts = [PROMPT] * args.batch
+    ids, mask = encode_batch(model, prompts)
 
     def run(interventions):
         return lambda: mechmem.generate(
             model, prompts, interventions, max_new_tokens=args.tokens, stop_at_eos=False
         )
 
-    best = best_times({name: run(items) for name, items in arms.items()}, args.repeats)
-    base = args.batch * args.tokens / best["no intervention"]
+    def hf_generate():
+        hf.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=args.tokens,
+            min_new_tokens=args.tokens,
+            do_sample=False,
+            pad_token_id=model.hf_tokenizer.pad_token_id,
+        )
+
+    timed = {"HF eager (untouched)": hf_generate}
+    timed.update({name: run(items) for name, items in arms.items()})
+    best = best_times(timed, args.repeats)
+    rates = {name: args.batch * args.tokens / seconds for name, seconds in best.items()}
+    base, hf_rate = rates["no intervention"], rates["HF eager (untouched)"]
+    path = "TL path" if args.no_fast else "fast path"
     print(
         f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
-        f"device {model.cfg.device}"
+        f"device {model.cfg.device}, mechmem on the {path}"
     )
-    print(f"{'arm':<28} {'tok/s':>8} {'ratio':>7}")
-    for name, seconds in best.items():
-        rate = args.batch * args.tokens / seconds
-        print(f"{name:<28} {rate:8.2f} {rate / base:7.3f}")
-    print("bar: DRµGS on one site over 10 layers >= 0.9x the engine without it")
+    print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'vs HF':>7}")
+    for name, rate in rates.items():
+        print(f"{name:<28} {rate:8.2f} {rate / base:9.3f} {rate / hf_rate:7.3f}")
+    print("bar: DRµGS on one site over 10 layers >= 0.95x the engine without it")
 
 
 if __name__ == "__main__":

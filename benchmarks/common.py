@@ -1,4 +1,9 @@
-"""Model selection and timing shared by the benchmark scripts."""
+"""Model selection and timing shared by the benchmark scripts.
+
+Baselines are honest: :func:`untouched_hf` loads the HF model a second time from the same weights
+and never wraps it in a bridge (once a bridge boots, its ``original_model`` runs through
+TransformerLens too, so it is no baseline).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import argparse
 import time
 from collections.abc import Callable
 
-import mechmem
+import torch
+
+from mechmem.models import bridge_from_hf, load_hf
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -20,26 +27,50 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
 
 
-def model_from_args(args: argparse.Namespace):
-    """The model the arguments ask for."""
-    from mechmem.tiny import smollm2_shaped_model, tiny_model
+def _device(args: argparse.Namespace) -> str:
+    if args.device:
+        return args.device
+    return "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+
+
+def _hf_from_args(args: argparse.Namespace):
+    """A freshly loaded HF model and tokenizer of the arguments' choice (same weights each call)."""
+    from mechmem.tiny import smollm2_shaped_hf_model, tiny_hf_model
 
     if args.tiny:
-        return tiny_model(args.tiny, device=args.device or "cpu")
+        return tiny_hf_model(args.tiny)
     if args.random_smollm2:
-        return smollm2_shaped_model(device=args.device)
-    return mechmem.load_model(device=args.device)
+        return smollm2_shaped_hf_model()
+    return load_hf()
+
+
+def model_from_args(args: argparse.Namespace, *, fast: bool | None = None):
+    """The bridge the arguments ask for (``fast`` as in :func:`mechmem.load_model`)."""
+    return bridge_from_hf(*_hf_from_args(args), device=_device(args), fast=fast)
+
+
+def untouched_hf(args: argparse.Namespace, attn_implementation: str = "eager"):
+    """The same weights as :func:`model_from_args`, as a plain HF model no bridge ever touched."""
+    model, _ = _hf_from_args(args)
+    model.set_attn_implementation(attn_implementation)
+    return model.to(_device(args)).eval()
 
 
 def best_times(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Best wall time (s) of each arm over ``repeats`` interleaved rounds, after one warm-up
-    run of every arm; interleaving spreads the machine's noise over all arms alike."""
+    run of every arm; interleaving spreads the machine's noise over all arms alike. Each
+    round's times are printed as they come (in the arms' order)."""
     for run in arms.values():
         run()
     best = {name: float("inf") for name in arms}
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        times = []
         for name, run in arms.items():
             start = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - start)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            best[name] = min(best[name], times[-1])
+        print(f"round {round_ + 1}/{repeats}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
     return best

@@ -18,10 +18,11 @@ and a plain ``register_forward_hook`` all write to:
   paths where they can).
 
 So every hook name keeps its meaning, and a model without hooks runs HF's code. The fast path
-also steps aside in training mode, in TransformerLens' compatibility mode and for
-``stop_at_layer`` / ``start_at_layer``. It is pinned to the TransformerLens versions it was tested
-on (:data:`TESTED_VERSIONS`); on any other version, or a model offloaded by accelerate, it warns
-once and leaves the model as it was.
+only runs inside the model's own forward (a component called on its own keeps TransformerLens'
+calling conventions), and steps aside in training mode, in TransformerLens' compatibility mode
+and for ``stop_at_layer`` / ``start_at_layer``. It is pinned to the TransformerLens versions it
+was tested on (:data:`TESTED_VERSIONS`); on any other version, or a model offloaded by
+accelerate, it warns once and leaves the model as it was.
 
 Example:
     >>> model = tiny_model("llama", fast=False)   # doctest: +SKIP
@@ -40,53 +41,73 @@ import warnings
 from importlib.metadata import version
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.generalized_components.block import BlockBridge
 
 TESTED_VERSIONS = frozenset({"4.3.0"})
 _PLAN = "_mechmem_fast_plan"
+# How a component runs a call: its HF module alone, the HF block between the block's own
+# hook_in/hook_out, or TransformerLens' own forward.
+_DIRECT, _AROUND, _TL = range(3)
 _warned: set[str] = set()
 
 
 class _Plan:
     """What one component needs to decide, per call, whether its HF module can run directly."""
 
-    def __init__(self, component: GeneralizedComponent, module: nn.Module) -> None:
+    def __init__(self, component: GeneralizedComponent, module: nn.Module, entered) -> None:
         self.component = component
         self.module = module
+        self.entered = entered
+        self.tl_forward = type(component).forward
         own = (component.hook_in, component.hook_out) if isinstance(component, BlockBridge) else ()
         inner = [m for m in component.modules() if isinstance(m, HookPoint) and m not in own]
         self.inner = _hook_dicts(inner)
         self.own = _hook_dicts(own)
-        # Module hooks that TransformerLens itself keeps on components inside (its capture hooks
-        # on the norms): more than these means a user hooked a component by hand.
-        self.module_hooks = [
-            (hooks, len(hooks))
+        # Module hooks on the components inside: TransformerLens keeps a few of its own there
+        # (capture hooks on the norms); any more means a user hooked a component by hand.
+        self.module_hooks = tuple(
+            hooks
             for m in component.modules()
             if isinstance(m, GeneralizedComponent) and m is not component
             for hooks in (m._forward_pre_hooks, m._forward_hooks)
-        ]
-        self.tl_forward = type(component).forward
+        )
+        self.tl_module_hooks = sum(map(len, self.module_hooks))
+        self.route, self.stamp = _TL, None
+
+    def _route(self) -> int:
+        """``_DIRECT``, ``_AROUND`` or ``_TL`` for this call, from the hook dictionaries.
+
+        Every hook registration in torch takes a new id from ``RemovableHandle.next_id``: while
+        it stands still nothing can have been hooked, so a component found clean stays clean
+        without looking again (a removal only ever makes a component cleaner).
+        """
+        stamp = getattr(RemovableHandle, "next_id", None)
+        if stamp is None or stamp != self.stamp or self.route != _DIRECT:
+            inside = any(self.inner) or sum(map(len, self.module_hooks)) != self.tl_module_hooks
+            self.route = _TL if inside else _AROUND if any(self.own) else _DIRECT
+            self.stamp = stamp
+        return self.route
 
     def runnable(self) -> bool:
         """True when this call may bypass TransformerLens' forward of the component."""
         component = self.component
         state = component.__dict__
-        return not (
+        return self.entered.depth > 0 and not (
             component.training
             or component.compatibility_mode
             or state.get("_stop_at_layer_idx") is not None
             or state.get("_start_at_layer_idx") is not None
-            or any(self.inner)
-            or any(len(hooks) != n for hooks, n in self.module_hooks)
         )
 
     def forward(self, *args, **kwargs):
         if self.runnable():
-            if not any(self.own):
+            route = self._route()
+            if route == _DIRECT:
                 return self.module(*args, **kwargs)
-            if args and isinstance(args[0], Tensor):
+            if route == _AROUND and args and isinstance(args[0], Tensor):
                 return self._around(*args, **kwargs)
         return self.tl_forward(self.component, *args, **kwargs)
 
@@ -95,6 +116,22 @@ class _Plan:
         block = self.component
         output = self.module(block.hook_in(hidden_states), *args, **kwargs)
         return block._apply_output_hook(output)
+
+
+class _Entered:
+    """The model's forward, counting the calls in progress. Components take their fast path only
+    inside one, so a component called on its own keeps TransformerLens' calling conventions."""
+
+    def __init__(self, forward) -> None:
+        self.tl_forward = forward
+        self.depth = 0
+
+    def __call__(self, *args, **kwargs):
+        self.depth += 1
+        try:
+            return self.tl_forward(*args, **kwargs)
+        finally:
+            self.depth -= 1
 
 
 def _hook_dicts(points) -> tuple[dict, ...]:
@@ -184,13 +221,16 @@ def apply(model) -> bool:
             _warned.add(reason)
             warnings.warn(f"{reason}: running TransformerLens' own path.", stacklevel=2)
         return False
+    remove(model)
+    entered = _Entered(model.forward)
+    model.__dict__["forward"] = entered
     for component in model.modules():
         if isinstance(component, GeneralizedComponent):
-            _install(component)
+            _install(component, entered)
     return True
 
 
-def _install(component: GeneralizedComponent) -> None:
+def _install(component: GeneralizedComponent, entered: _Entered) -> None:
     if isinstance(component, BlockBridge):
         # Wire TransformerLens' capture hooks now, so the plan sees them as TL's own.
         component._maybe_wire_capture_hooks()
@@ -198,7 +238,7 @@ def _install(component: GeneralizedComponent) -> None:
     module = unwrapped(component)
     if module is None:
         return
-    plan = _Plan(component, module)
+    plan = _Plan(component, module, entered)
     component.__dict__[_PLAN] = plan
     # An instance attribute: nn.Module.__call__ (and its module hooks) still runs first.
     component.__dict__["forward"] = plan.forward
@@ -219,6 +259,8 @@ def remove(model) -> None:
         >>> remove(model); is_applied(model)   # doctest: +SKIP
         False
     """
+    if isinstance(model.__dict__.get("forward"), _Entered):
+        del model.__dict__["forward"]
     for component in model.modules():
         if component.__dict__.pop(_PLAN, None) is not None:
             component.__dict__.pop("forward", None)
@@ -226,10 +268,10 @@ def remove(model) -> None:
 
 
 def is_applied(model) -> bool:
-    """Whether any component of ``model`` has a fast path.
+    """Whether ``model`` has the fast path.
 
     Example:
         >>> is_applied(tiny_model("llama", fast=False))   # doctest: +SKIP
         False
     """
-    return any(_PLAN in m.__dict__ for m in model.modules())
+    return isinstance(model.__dict__.get("forward"), _Entered)

@@ -192,3 +192,11 @@ def test_remove_restores_the_tl_path(pair):
         torch.testing.assert_close(_generate(fast).logits, _generate(slow).logits)
     finally:
         assert fastpath.apply(fast)
+
+
+def test_a_block_called_on_its_own_keeps_the_tl_conventions(pair):
+    fast, slow = pair("llama")
+    hidden = torch.randn(1, 4, fast.cfg.d_model)
+    out_fast, out_slow = fast.blocks[LAYER](hidden), slow.blocks[LAYER](hidden)
+    assert type(out_fast) is type(out_slow)
+    torch.testing.assert_close(out_fast[0], out_slow[0])
