@@ -11,7 +11,8 @@ interleaved over ``--repeats`` rounds (each arm's best round is reported):
   ``hook_resid_post``.
 
 Ratios are against the baselines measured in the same run. Before timing, the greedy tokens of
-mechmem (fast path on) are checked against HF eager's.
+mechmem (fast path on) are checked against HF eager's (up to each row's first EOS, which HF's
+``min_new_tokens`` masks out).
 
     python benchmarks/bench_generate.py                # embedded SmolLM2-135M, CPU
     python benchmarks/bench_generate.py --tiny llama   # random tiny model (smoke run)
@@ -25,7 +26,7 @@ import torch
 from common import add_model_args, best_times, model_from_args, untouched_hf
 
 import mechmem
-from mechmem.core.tokens import encode_batch, encode_prompts, hf_tokenizer
+from mechmem.core.tokens import encode_batch, encode_prompts, eos_token_ids, hf_tokenizer
 
 PROMPTS = [
     "The history of the printing press begins",
@@ -90,8 +91,12 @@ def _arms(models, hfs, batch: int, tokens: int, hook_layers: int):
             model, id_lists, [identity], tokens
         )
     reference = arms["HF eager"]()[:, ids.shape[1] :].tolist()
-    same = arms["mechmem (fast)"]().tokens == reference
-    print(f"batch {batch}: mechmem (fast) greedy tokens equal HF eager's: {same}")
+    generated = arms["mechmem (fast)"]().tokens
+    eos = eos_token_ids(fast, tokenizer)
+    # HF's min_new_tokens masks EOS out, so rows are compared up to mechmem's first EOS.
+    ends = [next((i for i, t in enumerate(row) if t in eos), len(row)) for row in generated]
+    same = all(a[:n] == b[:n] for a, b, n in zip(generated, reference, ends))
+    print(f"batch {batch}: mechmem (fast) greedy tokens equal HF eager's up to EOS: {same}")
     return arms
 
 
