@@ -12,8 +12,9 @@ checks those dictionaries, which is what ``HookPoint.add_hook``, ``run_with_cach
 and a plain ``register_forward_hook`` all write to:
 
 - nothing hooked inside: the HF module runs directly;
-- only the block's own ``hook_in`` / ``hook_out`` hooked (``hook_resid_pre`` / ``hook_resid_post``):
-  those two fire around the HF block, exactly where TransformerLens fires them;
+- only a block's or a rotary attention's own ``hook_in`` / ``hook_out`` hooked (``hook_resid_pre``
+  / ``hook_resid_post``, ``attn.hook_in`` / ``hook_attn_out``): those two fire around the HF
+  module, exactly where TransformerLens fires them;
 - anything else: TransformerLens' own forward, unchanged (its children still take their own fast
   paths where they can).
 
@@ -40,17 +41,23 @@ import os
 import warnings
 from importlib.metadata import version
 
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+    PositionEmbeddingsAttentionBridge,
+)
 
 TESTED_VERSIONS = frozenset({"4.3.0"})
 _PLAN = "_mechmem_fast_plan"
-# How a component runs a call: its HF module alone, the HF block between the block's own
+# How a component runs a call: its HF module alone, the HF module between the component's own
 # hook_in/hook_out, or TransformerLens' own forward.
 _DIRECT, _AROUND, _TL = range(3)
+# Components whose TransformerLens forward fires hook_in on the hidden states it is given and
+# hook_out on its first output, around the HF computation (checked in TL 4.3's source).
+_AROUND_TYPES = (BlockBridge, PositionEmbeddingsAttentionBridge)
 _warned: set[str] = set()
 
 
@@ -62,7 +69,8 @@ class _Plan:
         self.module = module
         self.entered = entered
         self.tl_forward = type(component).forward
-        own = (component.hook_in, component.hook_out) if isinstance(component, BlockBridge) else ()
+        around = isinstance(component, _AROUND_TYPES)
+        own = (component.hook_in, component.hook_out) if around else ()
         inner = [m for m in component.modules() if isinstance(m, HookPoint) and m not in own]
         self.inner = _hook_dicts(inner)
         self.own = _hook_dicts(own)
@@ -107,15 +115,22 @@ class _Plan:
             route = self._route()
             if route == _DIRECT:
                 return self.module(*args, **kwargs)
-            if route == _AROUND and args and isinstance(args[0], Tensor):
+            if route == _AROUND and (args or "hidden_states" in kwargs):
                 return self._around(*args, **kwargs)
         return self.tl_forward(self.component, *args, **kwargs)
 
-    def _around(self, hidden_states: Tensor, *args, **kwargs):
-        """The HF block between the block's own ``hook_in`` and ``hook_out``, as TL fires them."""
-        block = self.component
-        output = self.module(block.hook_in(hidden_states), *args, **kwargs)
-        return block._apply_output_hook(output)
+    def _around(self, *args, **kwargs):
+        """The HF module between the component's own ``hook_in`` (on the hidden states it is
+        given) and ``hook_out`` (on its first output), where TransformerLens fires them."""
+        hook_in, hook_out = self.component.hook_in, self.component.hook_out
+        if args:
+            args = (hook_in(args[0]), *args[1:])
+        else:
+            kwargs["hidden_states"] = hook_in(kwargs["hidden_states"])
+        output = self.module(*args, **kwargs)
+        if isinstance(output, tuple):
+            return (hook_out(output[0]), *output[1:])
+        return hook_out(output)
 
 
 class _Entered:
