@@ -15,6 +15,8 @@ and a plain ``register_forward_hook`` all write to:
 - only a block's or a rotary attention's own ``hook_in`` / ``hook_out`` hooked (``hook_resid_pre``
   / ``hook_resid_post``, ``attn.hook_in`` / ``hook_attn_out``): those two fire around the HF
   module, exactly where TransformerLens fires them;
+- only a rotary attention's q/k/v/o projections hooked (``hook_q``, ``hook_z``, ...): HF attention
+  runs with those projection bridges in place;
 - anything else: TransformerLens' own forward, unchanged (its children still take their own fast
   paths where they can).
 
@@ -53,8 +55,8 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 TESTED_VERSIONS = frozenset({"4.3.0"})
 _PLAN = "_mechmem_fast_plan"
 # How a component runs a call: its HF module alone, the HF module between the component's own
-# hook_in/hook_out, or TransformerLens' own forward.
-_DIRECT, _AROUND, _TL = range(3)
+# hook_in/hook_out, the HF module with its projections still bridged, or TL's own forward.
+_DIRECT, _AROUND, _BRIDGED, _TL = range(4)
 # Components whose TransformerLens forward fires hook_in on the hidden states it is given and
 # hook_out on its first output, around the HF computation (checked in TL 4.3's source).
 _AROUND_TYPES = (BlockBridge, PositionEmbeddingsAttentionBridge)
@@ -71,9 +73,15 @@ class _Plan:
         self.tl_forward = type(component).forward
         around = isinstance(component, _AROUND_TYPES)
         own = (component.hook_in, component.hook_out) if around else ()
-        inner = [m for m in component.modules() if isinstance(m, HookPoint) and m not in own]
+        projections = _projection_points(component)
+        inner = [
+            m
+            for m in component.modules()
+            if isinstance(m, HookPoint) and m not in own and m not in projections
+        ]
         self.inner = _hook_dicts(inner)
         self.own = _hook_dicts(own)
+        self.projections = _hook_dicts(projections)
         # Module hooks on the components inside: TransformerLens keeps a few of its own there
         # (capture hooks on the norms); any more means a user hooked a component by hand.
         self.module_hooks = tuple(
@@ -86,7 +94,8 @@ class _Plan:
         self.route, self.stamp = _TL, None
 
     def _route(self) -> int:
-        """``_DIRECT``, ``_AROUND`` or ``_TL`` for this call, from the hook dictionaries.
+        """``_DIRECT``, ``_AROUND``, ``_BRIDGED`` or ``_TL`` for this call, from the hook
+        dictionaries.
 
         Every hook registration in torch takes a new id from ``RemovableHandle.next_id``: while
         it stands still nothing can have been hooked, so a component found clean stays clean
@@ -95,7 +104,11 @@ class _Plan:
         stamp = getattr(RemovableHandle, "next_id", None)
         if stamp is None or stamp != self.stamp or self.route != _DIRECT:
             inside = any(self.inner) or sum(map(len, self.module_hooks)) != self.tl_module_hooks
-            self.route = _TL if inside else _AROUND if any(self.own) else _DIRECT
+            own, projections = any(self.own), any(self.projections)
+            if inside or (own and projections):
+                self.route = _TL
+            else:
+                self.route = _BRIDGED if projections else _AROUND if own else _DIRECT
             self.stamp = stamp
         return self.route
 
@@ -117,6 +130,8 @@ class _Plan:
                 return self.module(*args, **kwargs)
             if route == _AROUND and (args or "hidden_states" in kwargs):
                 return self._around(*args, **kwargs)
+            if route == _BRIDGED:
+                return self.component.original_component(*args, **kwargs)
         return self.tl_forward(self.component, *args, **kwargs)
 
     def _around(self, *args, **kwargs):
@@ -147,6 +162,17 @@ class _Entered:
             return self.tl_forward(*args, **kwargs)
         finally:
             self.depth -= 1
+
+
+def _projection_points(component: GeneralizedComponent) -> tuple[HookPoint, ...]:
+    """The HookPoints of a rotary attention's q/k/v/o projections (``hook_q``, ``hook_k``,
+    ``hook_v``, ``hook_z``, ...). HF attention calls those projection bridges itself, on the same
+    tensors as TransformerLens' attention, so hooks there alone need no TL attention."""
+    if not isinstance(component, PositionEmbeddingsAttentionBridge):
+        return ()
+    children = component.original_component.children()
+    bridged = [c for c in children if isinstance(c, GeneralizedComponent)]
+    return tuple(m for c in bridged for m in c.modules() if isinstance(m, HookPoint))
 
 
 def _hook_dicts(points) -> tuple[dict, ...]:
