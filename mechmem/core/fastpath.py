@@ -47,7 +47,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
-from transformer_lens.model_bridge.generalized_components.block import BlockBridge
+from transformer_lens.model_bridge.generalized_components.block import (
+    BlockBridge,
+    ParallelBlockBridge,
+)
+from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
 from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
     PositionEmbeddingsAttentionBridge,
 )
@@ -57,9 +61,10 @@ _PLAN = "_mechmem_fast_plan"
 # How a component runs a call: its HF module alone, the HF module between the component's own
 # hook_in/hook_out, the HF module with its projections still bridged, or TL's own forward.
 _DIRECT, _AROUND, _BRIDGED, _TL = range(4)
-# Components whose TransformerLens forward fires hook_in on the hidden states it is given and
-# hook_out on its first output, around the HF computation (checked in TL 4.3's source).
-_AROUND_TYPES = (BlockBridge, PositionEmbeddingsAttentionBridge)
+# Component types (exact: subclasses may place hooks elsewhere) whose TransformerLens forward
+# fires hook_in on the hidden states it is given and hook_out on its first output, around the HF
+# computation; read in TL 4.3's source and covered by the tests' architectures.
+_AROUND_TYPES = frozenset({BlockBridge, ParallelBlockBridge, PositionEmbeddingsAttentionBridge})
 _warned: set[str] = set()
 
 
@@ -71,7 +76,7 @@ class _Plan:
         self.module = module
         self.entered = entered
         self.tl_forward = type(component).forward
-        around = isinstance(component, _AROUND_TYPES)
+        around = type(component) in _AROUND_TYPES
         own = (component.hook_in, component.hook_out) if around else ()
         projections = _projection_points(component)
         inner = [
@@ -168,10 +173,12 @@ def _projection_points(component: GeneralizedComponent) -> tuple[HookPoint, ...]
     """The HookPoints of a rotary attention's q/k/v/o projections (``hook_q``, ``hook_k``,
     ``hook_v``, ``hook_z``, ...). HF attention calls those projection bridges itself, on the same
     tensors as TransformerLens' attention, so hooks there alone need no TL attention."""
-    if not isinstance(component, PositionEmbeddingsAttentionBridge):
+    if type(component) is not PositionEmbeddingsAttentionBridge:
         return ()
     children = component.original_component.children()
     bridged = [c for c in children if isinstance(c, GeneralizedComponent)]
+    if not all(type(c) is LinearBridge for c in bridged):
+        return ()
     return tuple(m for c in bridged for m in c.modules() if isinstance(m, HookPoint))
 
 
