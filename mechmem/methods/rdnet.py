@@ -165,6 +165,7 @@ class RDNet(Intervention):
 
     name = "rdnet"
     config_class = RDNetConfig
+    state_attributes = ("_generators", "_fast")  # kept across session turns, saved with them
 
     def reset(self, device=None) -> None:
         super().reset(device)

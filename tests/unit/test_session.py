@@ -465,3 +465,15 @@ def test_an_interrupted_turn_leaves_the_session_as_it_was(tiny):
     after = (session.tokens, session.messages, session.cached_range, failing.calls)
     assert after == before and len(session.turns) == 1
     assert session.send("again", **GREEDY).tokens == reference.send("again", **GREEDY).tokens
+
+
+@pytest.mark.parametrize("mode", ["faithful", "fast_weight"])
+def test_a_saved_rdnet_session_continues_its_memory_and_drift(tiny, tmp_path, mode):
+    model = tiny("llama")
+    sampled = dict(max_new_tokens=6, do_sample=True, stop_at_eos=False, return_logits=True)
+    original = mechmem.Session(model, [mechmem.RDNet(mode=mode, gain=0.5)], chat=False)
+    original.send("hello there", **sampled)
+    original.save(tmp_path / "rdnet.safetensors", cache=True)
+    loaded = mechmem.Session.load(tmp_path / "rdnet.safetensors", model)
+    ahead, behind = original.send(" more", **sampled), loaded.send(" more", **sampled)
+    assert torch.equal(ahead.logits, behind.logits)
