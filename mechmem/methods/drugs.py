@@ -43,6 +43,7 @@ from mechmem.core.intervention import Intervention
 from mechmem.core.kv_cache import kv_hook_name
 from mechmem.methods.depth_profile import Interpolation, check_profile, profile_ratio
 from mechmem.methods.rotation import Direction, draw_directions, rotate
+from mechmem.methods.rows import per_row, row_generators
 
 Site = Literal["H", "Q", "K", "V", "A"]
 SITES: tuple[Site, ...] = ("H", "Q", "K", "V", "A")
@@ -129,18 +130,11 @@ class Drugs(Intervention):
         super().begin_step(context)
         batch = context.batch_size
         c = self.config
-        for name, values in (("row_doses", c.row_doses), ("row_seeds", c.row_seeds)):
-            if values is not None and len(values) != batch:
-                raise ValueError(
-                    f"{name}: has {len(values)} entries but the batch has {batch} rows"
-                )
+        doses = per_row(c.dose, c.row_doses, batch, "row_doses")
+        seeds = per_row(c.seed, c.row_seeds, batch, "row_seeds")
         if len(self._row_generators) != batch:
-            seeds = c.row_seeds or [c.seed] * batch
-            self._row_generators = [
-                torch.Generator(device=self._device).manual_seed(s) for s in seeds
-            ]
+            self._row_generators = row_generators(seeds, self._device)
         if self._doses is None or len(self._doses) != batch:
-            doses = c.row_doses or [c.dose] * batch
             self._doses = torch.tensor(doses, device=context.positions.device)
             self._dosed = any(dose > 0 for dose in doses)
         self._eligible: dict[bool, Tensor] = {}
