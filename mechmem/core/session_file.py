@@ -27,9 +27,13 @@ FORMAT = "mechmem.session/1"
 
 
 def write_session(
-    path: str | os.PathLike, meta: dict[str, Any], tensors: dict[str, Tensor]
+    path: str | os.PathLike,
+    meta: dict[str, Any],
+    tensors: dict[str, Tensor],
+    format_name: str = FORMAT,
 ) -> None:
-    """Write ``meta`` (JSON-ready) and ``tensors`` to ``path`` atomically."""
+    """Write ``meta`` (JSON-ready) and ``tensors`` to ``path`` atomically (``format_name`` lets
+    other mechmem files, e.g. a memory store's whitening transform, share this form)."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"save: {target} is a folder; give a file path")
@@ -39,7 +43,7 @@ def write_session(
     os.close(handle)
     try:
         save_file(
-            contiguous, temporary, metadata={"mechmem": json.dumps({**meta, "format": FORMAT})}
+            contiguous, temporary, metadata={"mechmem": json.dumps({**meta, "format": format_name})}
         )
         os.replace(temporary, target)
     finally:
@@ -47,18 +51,21 @@ def write_session(
             os.remove(temporary)
 
 
-def read_session(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(meta, tensors)`` of a session file; ``ValueError`` if missing, damaged or foreign."""
+def read_session(
+    path: str | os.PathLike, format_name: str = FORMAT, what: str = "session"
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(meta, tensors)`` of a ``format_name`` file; ``ValueError`` if missing, damaged or
+    foreign (``what`` names the kind of file in the messages)."""
     source = Path(path)
     if not source.is_file():
-        raise ValueError(f"load: no session file at {source}")
+        raise ValueError(f"load: no {what} file at {source}")
     try:
         with safe_open(source, framework="pt") as reader:
             header = (reader.metadata() or {}).get("mechmem")
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118
         meta = json.loads(header) if header is not None else None
     except Exception as error:  # safetensors raises several types on a damaged file
-        raise ValueError(f"load: {source} is not a readable session file ({error})") from error
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"load: {source} is not a mechmem session file (format {FORMAT})")
+        raise ValueError(f"load: {source} is not a readable {what} file ({error})") from error
+    if not isinstance(meta, dict) or meta.get("format") != format_name:
+        raise ValueError(f"load: {source} is not a mechmem {what} file (format {format_name})")
     return meta, tensors

@@ -1,0 +1,12 @@
+"""Neural Native Memory (seed 001): the model's own states as a memory, stored, searched and
+injected back.
+
+Example:
+    >>> from mechmem import nnm
+    >>> nnm.Whitening("model-id", layer=3).fitted
+    False
+"""
+
+from mechmem.methods.nnm.transform import Whitening
+
+__all__ = ["Whitening"]
