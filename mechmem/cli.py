@@ -68,8 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=1.0)
     chat.add_argument("--top-p", type=float, default=1.0)
 
+    from mechmem.experiments import EXPERIMENTS
+    from mechmem.experiments.base import SCALES
+
     run = commands.add_parser("run", help="run an experiment; writes JSON and HTML to --out")
-    run.add_argument("experiment", choices=["drugs", "rdnet"])
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
     _add_model_args(run)
     run.add_argument("--config", default=None, help="JSON file of config overrides")
     run.add_argument(
@@ -78,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=JSON",
         help="override one config field, e.g. --set 'seeds=[0,1]' (repeatable)",
+    )
+    run.add_argument(
+        "--scale",
+        choices=SCALES,
+        default=None,
+        help="preset sizes: smoke (about a minute on a CPU), default, full (a GPU); "
+        "omitted: the config's own defaults",
     )
     run.add_argument("--tokens", type=int, default=None, help="rdnet: same as --set tokens=N")
     run.add_argument("--out", default="results", help="output folder")
@@ -192,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
     import mechmem
     from mechmem.experiments import EXPERIMENTS
 
-    config_class, run = EXPERIMENTS[args.experiment]
+    experiment = EXPERIMENTS[args.experiment]
     overrides = json.loads(Path(args.config).read_text()) if args.config else {}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -204,9 +214,13 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--set {key}: value is not JSON ({error})") from error
     if args.tokens is not None:
         overrides["tokens"] = args.tokens
-    config = config_class.from_dict(overrides)  # bad config: clear error before any model loads
+    # bad config: clear error before any model loads
+    if args.scale is None:
+        config = experiment.config_class.from_dict(overrides)
+    else:
+        config = experiment.config(args.scale, overrides)
     model = mechmem.load_model(args.model, device=args.device)
-    results = run(model, config, out=args.out, progress=args.progress)
+    results = experiment.run(model, config, out=args.out, progress=args.progress)
     print(results["answer"])
     print(f"wrote {Path(args.out) / (args.experiment + '.json')}")
     return 0

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -16,6 +17,16 @@ from plotly.subplots import make_subplots
 from mechmem.probes.id_profile import IDProfile
 from mechmem.probes.logit_delta import LayerEffectResult, LogitDeltaResult
 from mechmem.probes.twonn import TwoNNResult
+
+
+def write_figure(figure: go.Figure, path: str | Path) -> None:
+    """Write ``figure`` as an HTML page that works offline: ``plotly.min.js`` is written once
+    beside it and loaded from there (no CDN).
+
+    Example:
+        >>> write_figure(go.Figure(), "results/empty.html")  # doctest: +SKIP
+    """
+    figure.write_html(Path(path), include_plotlyjs="directory")
 
 
 def logit_delta_figure(result: LogitDeltaResult, title: str = "Logit delta") -> go.Figure:

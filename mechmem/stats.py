@@ -38,7 +38,32 @@ def paired_permutation_test(
         signs = rng.choice((1.0, -1.0), size=(n_permutations, len(d)))
     null = np.abs((signs * d).mean(axis=1))
     p_value = float(((null >= observed - 1e-12).sum()) / len(null))
-    return {"mean": float(d.mean()), "n": int(len(d)), "p_value": p_value}
+    interval = bootstrap_interval(d, seed=seed)
+    return {"mean": float(d.mean()), "n": int(len(d)), "p_value": p_value, "interval": interval}
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, n_boot: int = 10000, seed: int = 0
+) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement).
+
+    With few values the interval is too narrow (it cannot be wider than their range); read it
+    beside the permutation p-value.
+
+    Example:
+        >>> bootstrap_interval([1.0, 2.0, 3.0, 4.0])
+        [1.5, 3.5]
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or len(v) == 0 or not np.isfinite(v).all():
+        raise ValueError("values: need a non-empty 1-D sequence of finite numbers")
+    if not 0 < level < 1:
+        raise ValueError(f"level: must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return [float(low), float(high)]
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from mechmem.core.config import Config, require
 from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import generate
 from mechmem.core.tokens import encode_batch
+from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.drugs import SITES, Drugs, DrugsConfig
 from mechmem.methods.rotation import Direction
 from mechmem.probes.id_profile import layer_representations
@@ -243,7 +243,11 @@ def layer_divergence(model, prompts, site: str, doses, direction: Direction) -> 
 
 
 def frontier_figure(metrics: dict[str, dict]) -> go.Figure:
-    """Variety (1 − self-BLEU) against perplexity, one marker per arm, sampling arms joined."""
+    """Variety (1 − self-BLEU) against perplexity, one marker per arm, sampling arms joined.
+
+    Error bars: ± one standard error across prompts, of variety and of log-perplexity (drawn on
+    the perplexity scale).
+    """
     fig = go.Figure()
     groups = {"temperature": [], "top-p": [], "greedy": []}
     for name, arm in metrics.items():
@@ -251,22 +255,41 @@ def frontier_figure(metrics: dict[str, dict]) -> go.Figure:
         if key is None:
             key = name.rsplit(" ", 1)[0]
             groups.setdefault(key, [])
-        groups[key].append((arm["variety"], arm["perplexity"], name))
+        groups[key].append((arm["variety"], arm["perplexity"], name, _spread(arm)))
     for key, points in groups.items():
         points.sort()
+        spreads = [p[3] for p in points]
         fig.add_scatter(
             x=[p[0] for p in points],
             y=[p[1] for p in points],
             text=[p[2] for p in points],
+            error_x={"type": "data", "array": [s[0] for s in spreads]},
+            error_y={
+                "type": "data",
+                "array": [s[2] - p[1] for s, p in zip(spreads, points)],
+                "arrayminus": [p[1] - s[1] for s, p in zip(spreads, points)],
+            },
             mode="lines+markers" if key != "greedy" else "markers",
             name=key,
         )
     fig.update_layout(
         title="DRµGS vs sampling: variety against coherence (lower perplexity = more coherent)",
-        xaxis_title="variety (1 − self-BLEU across seeds)",
-        yaxis_title="perplexity of the output under the clean model",
+        xaxis_title="variety (1 − self-BLEU across seeds), ± s.e. over prompts",
+        yaxis_title="perplexity under the clean model, ± s.e. over prompts",
     )
     return fig
+
+
+def _spread(arm: dict) -> tuple[float, float, float]:
+    """(s.e. of variety, perplexity at mean log-ppl − s.e., at mean + s.e.) over prompts."""
+    variety = np.array([p["variety"] for p in arm["per_prompt"]])
+    log_ppl = np.array([p["log_ppl"] for p in arm["per_prompt"]], dtype=float)
+    log_ppl = log_ppl[np.isfinite(log_ppl)]
+    n = max(len(variety), 1)
+    se_variety = float(variety.std(ddof=1) / np.sqrt(n)) if len(variety) > 1 else 0.0
+    se_log = float(log_ppl.std(ddof=1) / np.sqrt(len(log_ppl))) if len(log_ppl) > 1 else 0.0
+    centre = float(np.log(arm["perplexity"]))
+    return se_variety, float(np.exp(centre - se_log)), float(np.exp(centre + se_log))
 
 
 def divergence_figure(divergence: np.ndarray, doses, site: str) -> go.Figure:
@@ -304,7 +327,6 @@ def run_drugs(
     divergence = layer_divergence(
         model, config.prompts, site, config.divergence_doses, config.direction
     )
-    answer = _answer(comparisons, metrics)
     results = {
         "experiment": "drugs",
         "config": config.to_dict(),
@@ -316,14 +338,70 @@ def run_drugs(
             "doses": config.divergence_doses,
             "one_minus_cos": divergence.tolist(),
         },
-        "answer": answer,
+        "answer": _answer(comparisons, metrics),
+        "headline": _headline(comparisons, config),
     }
     if out is not None:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "drugs.json").write_text(json.dumps(results, indent=2))
-        frontier_figure(metrics).write_html(folder / "drugs_frontier.html", include_plotlyjs="cdn")
-        divergence_figure(divergence, config.divergence_doses, site).write_html(
-            folder / "drugs_divergence.html", include_plotlyjs="cdn"
-        )
+        write_outputs(out, "drugs", results, figures(results))
     return results
+
+
+def _headline(comparisons: list[dict], config: DrugsExperimentConfig) -> dict[str, Any]:
+    """The best-testing DRµGS arm against temperature sampling, Bonferroni over the arms."""
+    claim = (
+        "DRµGS: noise inside the network, decoded greedily, gives more varied output that stays "
+        "coherent (no number given; judged by eye)"
+    )
+    setup = (
+        f"{len(config.prompts)} prompts x {len(config.seeds)} seeds; DRµGS at sites "
+        f"{config.sites} x doses {config.doses} against temperature sampling; log-perplexity "
+        "under the clean model at matched variety (1 - self-BLEU), paired by prompt"
+    )
+    metric = "log-ppl of DRµGS minus temperature sampling at matched variety (< 0: more coherent)"
+    tested = [c for c in comparisons if "p_value" in c]
+    if not tested:
+        return headline(
+            claim=claim,
+            setup=setup,
+            metric=metric,
+            value=None,
+            interval=None,
+            p_value=None,
+            verdict="inconclusive: no DRµGS arm's variety fell inside the sampling frontier",
+        )
+    best = min(tested, key=lambda c: c["p_value"] if c["mean"] < 0 else 2 + c["p_value"])
+    corrected = min(1.0, best["p_value"] * len(tested))
+    if best["mean"] < 0 and corrected < 0.05:
+        verdict = f"holds for {best['arm']} (Bonferroni p = {corrected:.3f} over {len(tested)})"
+    elif any(c["mean"] > 0 and c["p_value"] * len(tested) < 0.05 for c in tested):
+        verdict = "does not hold: DRµGS is less coherent than sampling at matched variety"
+    else:
+        verdict = (
+            f"not shown: no arm beats temperature sampling (best {best['arm']}, "
+            f"Bonferroni p = {corrected:.3f})"
+        )
+    return headline(
+        claim=claim,
+        setup=setup,
+        metric=f"{metric}; arm {best['arm']}",
+        value=best["mean"],
+        interval=tuple(best["interval"]),
+        p_value=best["p_value"],
+        verdict=verdict,
+    )
+
+
+def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
+    """The experiment's figures, rebuilt from its results dict.
+
+    Example:
+        >>> sorted(figures(run_drugs(model)))  # doctest: +SKIP
+        ['divergence', 'frontier']
+    """
+    divergence = results["divergence"]
+    return {
+        "frontier": frontier_figure(results["arms"]),
+        "divergence": divergence_figure(
+            np.array(divergence["one_minus_cos"]), divergence["doses"], divergence["site"]
+        ),
+    }

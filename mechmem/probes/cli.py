@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mechmem.plots import write_figure
+
 
 def default_texts() -> list[str]:
     """The 64 short, varied sentences shipped with mechmem for layer-selection analysis.
@@ -41,7 +43,7 @@ def _write(out: str, stem: str, data: dict, figure) -> None:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps(data, indent=2))
-    figure.write_html(folder / f"{stem}.html", include_plotlyjs="cdn")
+    write_figure(figure, folder / f"{stem}.html")
     print(f"wrote {folder / (stem + '.json')} and {folder / (stem + '.html')}")
 
 

@@ -4,14 +4,39 @@ from __future__ import annotations
 
 import pytest
 
-from mechmem.stats import mcnemar_exact, paired_permutation_test
+import numpy as np
+
+from mechmem.stats import bootstrap_interval, mcnemar_exact, paired_permutation_test
 
 
 def test_exact_sign_flip_test_on_all_positive_differences():
     # 5 positive differences: only the all-plus and all-minus sign patterns reach |mean| = 3,
     # so p = 2 / 2^5 = 0.0625.
     result = paired_permutation_test([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert result == {"mean": 3.0, "n": 5, "p_value": 0.0625}
+    assert {k: result[k] for k in ("mean", "n", "p_value")} == {
+        "mean": 3.0,
+        "n": 5,
+        "p_value": 0.0625,
+    }
+    assert result["interval"] == bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+
+
+def test_bootstrap_interval_of_constant_values_is_that_value():
+    assert bootstrap_interval([2.5] * 7) == [2.5, 2.5]
+
+
+def test_bootstrap_interval_matches_the_normal_interval_for_many_values():
+    # For n = 400 draws of N(0, 1) the mean's 95% interval is about mean ± 1.96 / 20.
+    values = np.random.default_rng(1).normal(size=400)
+    low, high = bootstrap_interval(values)
+    assert low < values.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 / 20, rel=0.15)
+
+
+@pytest.mark.parametrize("bad", [[], [float("inf")], [[1.0]]])
+def test_bootstrap_interval_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        bootstrap_interval(bad)
 
 
 def test_symmetric_differences_are_not_significant():
