@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,25 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "or an HF hub name",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show the model loader's progress bars"
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """Load ``--model`` on ``--device``, quietly, and say so in one line on stderr."""
+    import time
+
+    import mechmem
+
+    start = time.perf_counter()
+    model = mechmem.load_model(args.model, device=args.device, verbose=args.verbose)
+    print(
+        f"mechmem: loaded {Path(str(model.cfg.model_name)).name} ({model.cfg.n_layers} layers) on "
+        f"{model.cfg.device} in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
+    return model
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> int:
     import mechmem
 
-    model = mechmem.load_model(args.model, device=args.device)
+    model = load_model(args)
     result = mechmem.generate(
         model,
         args.prompt,
@@ -171,7 +191,7 @@ def _chat(args: argparse.Namespace) -> int:
     from mechmem.chat import chat_loop, interventions_from_file
 
     items = interventions_from_file(args.interventions) if args.interventions else []
-    model = mechmem.load_model(args.model, device=args.device)
+    model = load_model(args)
     if args.load:
         session = mechmem.Session.load(args.load, model)
     else:
@@ -197,9 +217,7 @@ def _models(_: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    import mechmem
     from mechmem.experiments import EXPERIMENTS
 
     experiment = EXPERIMENTS[args.experiment]
@@ -219,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         config = experiment.config_class.from_dict(overrides)
     else:
         config = experiment.config(args.scale, overrides)
-    model = mechmem.load_model(args.model, device=args.device)
+    model = load_model(args)
     results = experiment.run(model, config, out=args.out, progress=args.progress)
     print(results["answer"])
     print(f"wrote {Path(args.out) / (args.experiment + '.json')}")

@@ -15,6 +15,7 @@ The cache folder is ``$MECHMEM_CACHE`` or, when unset, the user's cache dir (``~
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -230,6 +231,7 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     fast: bool | None = None,
+    verbose: bool = False,
 ) -> TransformerBridge:
     """Load a model as a ``TransformerBridge`` ready for mechmem's engine and probes.
 
@@ -240,14 +242,36 @@ def load_model(
         dtype: weight dtype (default fp32).
         fast: run the HF modules directly where nothing is hooked
             (:mod:`mechmem.core.fastpath`); default on, unless ``MECHMEM_FAST=0``.
+        verbose: show transformers' loading progress bars and info messages (default: quiet).
 
     Example:
         >>> model = load_model()
         >>> model.cfg.n_layers
         30
     """
-    hf_model, tokenizer = load_hf(name, dtype=dtype)
-    return bridge_from_hf(hf_model, tokenizer, device=device, fast=fast)
+    with _quiet(not verbose):
+        hf_model, tokenizer = load_hf(name, dtype=dtype)
+        return bridge_from_hf(hf_model, tokenizer, device=device, fast=fast)
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool):
+    """Silence transformers' progress bars and below-error messages for the block."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def bridge_from_hf(

@@ -51,13 +51,14 @@ def run_probe(args: argparse.Namespace) -> int:
     """Dispatch ``mechmem probe <name>`` (the parser lives in :mod:`mechmem.cli`)."""
     import mechmem
     from mechmem import plots
+    from mechmem.cli import load_model
     from mechmem.probes import id_profile, logit_delta, logit_delta_by_layer, twonn_bootstrap
     from mechmem.probes.twonn import check_bootstrap_args
 
     if args.probe == "logit-delta":
         if args.layer is not None and args.layer < 0:
             raise ValueError(f"--layer: must be >= 0, got {args.layer}")
-        model = mechmem.load_model(args.model, device=args.device)
+        model = load_model(args)
 
         def steer(layer: int) -> mechmem.Steer:
             return mechmem.Steer(layer=layer, scale=args.scale, seed=args.seed)
@@ -107,7 +108,7 @@ def run_probe(args: argparse.Namespace) -> int:
         texts = default_texts()
         if args.texts_file:
             texts = _nonblank_lines(Path(args.texts_file).read_text())
-        model = mechmem.load_model(args.model, device=args.device)
+        model = load_model(args)
         profile = id_profile(model, texts, n_boot=args.n_boot, seed=args.seed, **given, **fit)
         print(f"suggested layer (ID minimum after the first 20%): {profile.suggest_layer()}")
         _write(args.out, "id_profile", profile.to_dict(), plots.id_profile_figure(profile))

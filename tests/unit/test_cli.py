@@ -18,7 +18,7 @@ def fake_load(tiny, monkeypatch):
     """``mechmem.load_model`` returns the tiny llama and records its arguments."""
     calls: list[tuple] = []
 
-    def load_model(name=None, *, device=None, dtype=None):
+    def load_model(name=None, *, device=None, dtype=None, verbose=False):
         calls.append((name, device))
         return tiny("llama")
 

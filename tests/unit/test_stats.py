@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import numpy as np
+import pytest
 
 from mechmem.stats import bootstrap_interval, mcnemar_exact, paired_permutation_test
 
