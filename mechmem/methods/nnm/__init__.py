@@ -7,6 +7,7 @@ Example:
     False
 """
 
+from mechmem.methods.nnm.inject import PassageKV, ResidualInjection, rotate_keys
 from mechmem.methods.nnm.transform import Whitening
 
-__all__ = ["Whitening"]
+__all__ = ["PassageKV", "ResidualInjection", "Whitening", "rotate_keys"]
