@@ -23,6 +23,7 @@ from mechmem.core import (
     intervention_from_dict,
     prefix,
 )
+from mechmem.methods.attractor import Attractor
 from mechmem.methods.continuity import Continuity
 from mechmem.methods.drugs import Drugs
 from mechmem.methods.rdnet import RDNet
@@ -31,6 +32,7 @@ from mechmem.models import ModelLoadError, load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attractor",
     "Config",
     "Continuity",
     "Drugs",
