@@ -8,6 +8,16 @@ Example:
 """
 
 from mechmem.methods.nnm.inject import PassageKV, ResidualInjection, rotate_keys
+from mechmem.methods.nnm.store import Hit, MemoryStore, MemoryStoreLocked, int8_recall
 from mechmem.methods.nnm.transform import Whitening
 
-__all__ = ["PassageKV", "ResidualInjection", "Whitening", "rotate_keys"]
+__all__ = [
+    "Hit",
+    "MemoryStore",
+    "MemoryStoreLocked",
+    "PassageKV",
+    "ResidualInjection",
+    "Whitening",
+    "int8_recall",
+    "rotate_keys",
+]
