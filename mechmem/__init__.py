@@ -6,6 +6,7 @@ Example:
     >>> mechmem.generate(model, "Hello", max_new_tokens=5)  # doctest: +SKIP
 """
 
+from mechmem import nnm
 from mechmem.core import (
     Config,
     GenerationResult,
@@ -26,6 +27,7 @@ from mechmem.core import (
 from mechmem.methods.attractor import Attractor
 from mechmem.methods.continuity import Continuity
 from mechmem.methods.drugs import Drugs
+from mechmem.methods.nnm import MemoryStore, ResidualInjection
 from mechmem.methods.rdnet import RDNet
 from mechmem.models import ModelLoadError, load_model
 
@@ -39,10 +41,12 @@ __all__ = [
     "GenerationResult",
     "Identity",
     "Intervention",
+    "MemoryStore",
     "ModelLoadError",
     "Prefix",
     "Progress",
     "RDNet",
+    "ResidualInjection",
     "Session",
     "Steer",
     "StepContext",
@@ -52,5 +56,6 @@ __all__ = [
     "generate",
     "intervention_from_dict",
     "load_model",
+    "nnm",
     "prefix",
 ]
