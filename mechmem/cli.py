@@ -9,6 +9,8 @@ Examples:
     mechmem probe twonn --points activations.npy --out results/
     mechmem run drugs --out results/ --set 'seeds=[0,1]'
     mechmem run rdnet --tokens 2000 --out results/
+    mechmem run drugs --scale smoke
+    mechmem report --scale smoke --out report/
 """
 
 from __future__ import annotations
@@ -112,6 +114,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tokens", type=int, default=None, help="rdnet: same as --set tokens=N")
     run.add_argument("--out", default="results", help="output folder")
     run.add_argument("--progress", action="store_true", help="show progress bars")
+
+    report = commands.add_parser(
+        "report", help="every method's headline experiment on one model, as one HTML page"
+    )
+    _add_model_args(report)
+    report.add_argument("--out", default="report", help="output folder (default: report/)")
+    report.add_argument(
+        "--scale",
+        default="smoke",
+        help="smoke (minutes on a CPU), default (about an hour), full (a GPU)",
+    )
+    report.add_argument(
+        "--only", nargs="+", default=None, metavar="METHOD", help="drugs rdnet attractor ..."
+    )
+    report.add_argument(
+        "--fresh", action="store_true", help="start over instead of resuming finished experiments"
+    )
 
     probe = commands.add_parser("probe", help="run a probe and write JSON + an HTML figure")
     probes = probe.add_subparsers(dest="probe", required=True)
@@ -244,6 +263,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from mechmem.models import model_config
+    from mechmem.report import check_report_args, run_report
+
+    check_report_args(args.out, args.scale, args.only)  # bad options fail before any model loads
+    model_config(args.model)
+    report = run_report(
+        load_model(args),
+        out=args.out,
+        scale=args.scale,
+        only=args.only,
+        fresh=args.fresh,
+    )
+    for name, results in report["experiments"].items():
+        print(f"{name}: {results['headline']['verdict']}")
+    print(f"wrote {Path(args.out) / 'index.html'}")
+    return 0
+
+
 def _probe(args: argparse.Namespace) -> int:
     from mechmem.probes.cli import run_probe
 
@@ -260,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "generate": _generate,
         "models": _models,
         "probe": _probe,
+        "report": _report,
         "run": _run,
     }
     try:

@@ -194,17 +194,17 @@ def _tl_version() -> str:
     return version("transformer-lens")
 
 
-def load_hf(
-    name: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, object]:
-    """Load the HuggingFace causal LM and tokenizer behind ``name`` (see :func:`load_model`).
+def model_config(name: str | os.PathLike | None = None):
+    """Find the model behind ``name`` and read its HF config, without loading weights.
+
+    Raises :class:`ModelLoadError` with a clear message for a missing path, an unreachable hub
+    name or an architecture TransformerLens cannot wrap. Returns ``(location, config)``.
 
     Example:
-        >>> hf_model, tokenizer = load_hf()
-        >>> hf_model.config.num_hidden_layers
+        >>> model_config(None)[1].num_hidden_layers
         30
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
 
     kind, location = resolve_model_source(name)
     try:
@@ -220,6 +220,22 @@ def load_hf(
             ) from error
         raise ModelLoadError(f"Could not read the model config in {location}: {error}") from error
     _check_supported(config)
+    return location, config
+
+
+def load_hf(
+    name: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, object]:
+    """Load the HuggingFace causal LM and tokenizer behind ``name`` (see :func:`load_model`).
+
+    Example:
+        >>> hf_model, tokenizer = load_hf()
+        >>> hf_model.config.num_hidden_layers
+        30
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location, _ = model_config(name)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer

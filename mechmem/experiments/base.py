@@ -129,7 +129,9 @@ def write_outputs(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2, allow_nan=False))
+    partial = path.with_suffix(".json.part")
+    partial.write_text(json.dumps(results, indent=2, allow_nan=False))
+    partial.replace(path)  # atomic: an interrupted write never leaves a half file
     for key, figure in figures.items():
         write_figure(figure, folder / f"{name}_{key}.html")
     return path

@@ -346,7 +346,7 @@ def run_rdnet(
         "config": config.to_dict(),
         "model": str(model.cfg.model_name),
         "interventions": {arm: item.to_dict() for arm, item in memories.items()},
-        "elapsed_s": result.elapsed_s,
+        "timings": {"elapsed_s": result.elapsed_s},
         "n_reprefills": result.n_reprefills,
         "arms": arms,
         "runs": runs,
