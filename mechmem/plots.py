@@ -14,6 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from mechmem.methods.attractor import AttractorTraces
 from mechmem.probes.id_profile import IDProfile
 from mechmem.probes.logit_delta import LayerEffectResult, LogitDeltaResult
 from mechmem.probes.twonn import TwoNNResult
@@ -54,8 +55,8 @@ def logit_delta_figure(result: LogitDeltaResult, title: str = "Logit delta") -> 
         secondary_y=True,
     )
     fig.update_layout(title=title, barmode="group", xaxis_title="scored position")
-    fig.update_yaxes(title_text="|Δlogit|", secondary_y=False)
-    fig.update_yaxes(title_text="KL (nats)", secondary_y=True)
+    fig.update_yaxes(title_text="|Δlogit|", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="KL (nats)", rangemode="tozero", secondary_y=True)
     return fig
 
 
@@ -78,8 +79,9 @@ def layer_effect_figure(result: LayerEffectResult, title: str = "Effect by layer
         line={"dash": "dot"},
     )
     fig.update_layout(title=title, xaxis_title="layer")
-    fig.update_yaxes(title_text="mean |Δlogit|", secondary_y=False)
-    fig.update_yaxes(title_text="KL (nats) / fraction", secondary_y=True)
+    # |Δlogit|, KL and a fraction are never negative: both axes start at zero.
+    fig.update_yaxes(title_text="mean |Δlogit|", rangemode="tozero", secondary_y=False)
+    fig.update_yaxes(title_text="KL (nats) / fraction", rangemode="tozero", secondary_y=True)
     return fig
 
 
@@ -230,4 +232,94 @@ def turn_effect_figure(
     fig.update_layout(title=title, barmode="group")
     fig.update_yaxes(title_text="KL(P_int‖P_clean), nats", secondary_y=False)
     fig.update_yaxes(title_text="top-1 agreement", range=[0, 1.05], secondary_y=True)
+    return fig
+
+
+def attractor_strength_figure(
+    traces: AttractorTraces, row: int = 0, title: str = "Attractor strengths"
+) -> go.Figure:
+    """Heatmap of every slot's strength over the updates (steps × slots) of one batch row, with
+    the slot each query matched marked on top.
+
+    Example:
+        >>> attractor_strength_figure(attractor.traces())  # doctest: +SKIP
+    """
+    strengths = traces.strengths[:, row]
+    steps = np.arange(len(strengths))
+    fig = go.Figure(
+        go.Heatmap(x=steps, z=strengths.T, colorscale="Viridis", colorbar={"title": "strength"})
+    )
+    fired = traces.fired[:, row]
+    hit = fired >= 0
+    fig.add_scatter(
+        x=steps[hit],
+        y=fired[hit],
+        mode="markers",
+        name="matched slot",
+        marker={"size": 3, "color": "white"},
+    )
+    fig.update_layout(
+        title=f"{title} (layer {traces.layer}, row {row})", xaxis_title="update", yaxis_title="slot"
+    )
+    return fig
+
+
+def attractor_events_figure(
+    traces: AttractorTraces, row: int = 0, title: str = "Attractor births and evictions"
+) -> go.Figure:
+    """Timeline of slot births and evictions (update × slot) of one row; burn-in shaded.
+
+    Example:
+        >>> attractor_events_figure(attractor.traces())  # doctest: +SKIP
+    """
+    fig = go.Figure()
+    for name, events, symbol in (
+        ("birth", traces.born, "triangle-up"),
+        ("eviction", traces.evicted, "x"),
+    ):
+        steps, slots = np.nonzero(events[:, row])
+        fig.add_scatter(x=steps, y=slots, mode="markers", name=name, marker={"symbol": symbol})
+    burning = np.nonzero(traces.burn_in[:, row])[0]
+    if len(burning):
+        fig.add_vrect(
+            x0=burning.min() - 0.5,
+            x1=burning.max() + 0.5,
+            opacity=0.15,
+            fillcolor="grey",
+            line_width=0,
+            annotation_text="burn-in",
+        )
+    fig.update_layout(
+        title=f"{title} (layer {traces.layer}, row {row})", xaxis_title="update", yaxis_title="slot"
+    )
+    return fig
+
+
+def attractor_injection_figure(
+    norms: dict[str, np.ndarray], title: str = "Injected norm"
+) -> go.Figure:
+    """Norm of what the attractor added to the attention output per update, one line per label:
+    the mean over the columns of its ``[update, row]`` array (traces' ``injected_norm``, or one
+    column per seed) with a min–max band.
+
+    Example:
+        >>> norms = {"causal": attractor.traces().injected_norm}  # doctest: +SKIP
+        >>> attractor_injection_figure(norms)                      # doctest: +SKIP
+    """
+    fig = go.Figure()
+    for label, values in norms.items():
+        values = np.asarray(values, dtype=float).reshape(len(values), -1)
+        steps = np.arange(len(values)).tolist()
+        if values.shape[1] > 1:
+            fig.add_scatter(
+                x=steps + steps[::-1],
+                y=values.max(1).tolist() + values.min(1)[::-1].tolist(),
+                fill="toself",
+                opacity=0.2,
+                line={"width": 0},
+                showlegend=False,
+                name=f"{label} (range)",
+            )
+        fig.add_scatter(x=steps, y=values.mean(1), mode="lines", name=label)
+    fig.update_layout(title=title, xaxis_title="update", yaxis_title="‖injected‖")
     return fig

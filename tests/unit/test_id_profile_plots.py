@@ -223,6 +223,8 @@ def test_layer_effect_figure(tiny):
     assert isinstance(fig, go.Figure)
     assert len(fig.data) == 3
     assert list(fig.data[0].x) == sweep.layers
+    # KL and a fraction cannot go below zero, nor can their axis
+    assert fig.layout.yaxis.rangemode == "tozero" and fig.layout.yaxis2.rangemode == "tozero"
 
 
 def test_id_profile_figure(profile):
