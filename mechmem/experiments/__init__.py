@@ -4,16 +4,46 @@
 run function, figure builder, scales); ``mechmem run NAME`` and ``mechmem report`` read it.
 
 Example:
-    >>> sorted(EXPERIMENTS)[:2]
-    ['drugs', 'rdnet']
+    >>> {"drugs", "rdnet"} <= set(EXPERIMENTS)
+    True
 """
 
-from mechmem.experiments import drugs, rdnet
+from mechmem.experiments import attractor, drugs, rdnet
+from mechmem.experiments.attractor import AttractorExperimentConfig, run_attractor
 from mechmem.experiments.base import Experiment
 from mechmem.experiments.drugs import DrugsExperimentConfig, run_drugs
 from mechmem.experiments.rdnet import RDNetExperimentConfig, run_rdnet
 
 EXPERIMENTS: dict[str, Experiment] = {
+    "attractor": Experiment(
+        name="attractor",
+        config_class=AttractorExperimentConfig,
+        run=run_attractor,
+        figures=attractor.figures,
+        scales={
+            "smoke": {
+                "max_text_tokens": 512,
+                "overhead_tokens": 16,
+                "overhead_repeats": 1,
+                "seeds": [0],
+                "tokens": 100,
+                "rep_window": 50,
+                "generation_arms": ["causal", "faithful_standard"],
+                "qa_items": 24,
+            },
+            "default": {},
+            "full": {
+                "max_text_tokens": 50_000,
+                "window": 256,
+                "seeds": [0, 1, 2, 3, 4, 5, 6, 7],
+                "tokens": 1000,
+                "generation_arms": list(attractor.ARMS),
+                "qa_items": 1600,
+                "qa_chains": 32,
+            },
+        },
+        summary="Attractor layer: perplexity, overhead, long generation, story QA vs no attractor",
+    ),
     "drugs": Experiment(
         name="drugs",
         config_class=DrugsExperimentConfig,
@@ -50,9 +80,11 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 __all__ = [
     "EXPERIMENTS",
+    "AttractorExperimentConfig",
     "DrugsExperimentConfig",
     "Experiment",
     "RDNetExperimentConfig",
+    "run_attractor",
     "run_drugs",
     "run_rdnet",
 ]

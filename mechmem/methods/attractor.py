@@ -336,7 +336,7 @@ def attractor_readout(
         >>> state.strengths[0, 0] = 1.0; state.slots[0, 0] = torch.tensor([3.0, 4.0])
         >>> vector, burning = attractor_readout(state, AttractorConfig(burn_in=0))
         >>> [round(v, 4) for v in vector[0].tolist()], burning.tolist()
-        ([0.4569, 0.6092], [False])
+        ([0.457, 0.6093], [False])
     """
     strengths = state.strengths
     total = strengths.sum(-1)
