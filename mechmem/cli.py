@@ -112,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
         "omitted: the config's own defaults",
     )
     run.add_argument("--tokens", type=int, default=None, help="rdnet: same as --set tokens=N")
+    run.add_argument(
+        "--data", default=None, help="nnm-retrieval: a BEIR folder, same as --set data=PATH"
+    )
     run.add_argument("--out", default="results", help="output folder")
     run.add_argument("--progress", action="store_true", help="show progress bars")
 
@@ -130,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument(
         "--fresh", action="store_true", help="start over instead of resuming finished experiments"
+    )
+    report.add_argument(
+        "--write-docs",
+        default=None,
+        metavar="DIR",
+        help="also write DIR/results.md and DIR/img/*.png from this run (needs kaleido, Chromium)",
     )
 
     probe = commands.add_parser("probe", help="run a probe and write JSON + an HTML figure")
@@ -251,6 +260,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--set {key}: value is not JSON ({error})") from error
     if args.tokens is not None:
         overrides["tokens"] = args.tokens
+    if args.data is not None:
+        overrides["data"] = args.data
     # bad config: clear error before any model loads
     if args.scale is None:
         config = experiment.config_class.from_dict(overrides)
@@ -279,6 +290,10 @@ def _report(args: argparse.Namespace) -> int:
     for name, results in report["experiments"].items():
         print(f"{name}: {results['headline']['verdict']}")
     print(f"wrote {Path(args.out) / 'index.html'}")
+    if args.write_docs:
+        from mechmem.report.docs import write_results_doc
+
+        print(f"wrote {write_results_doc(Path(args.out) / 'results.json', args.write_docs)}")
     return 0
 
 

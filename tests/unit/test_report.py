@@ -186,6 +186,14 @@ def test_the_page_renders_every_figure_in_headless_chromium_without_errors(
     rendered = set(re.findall(r'<div id="(fig-[^"]+)" class="[^"]*js-plotly-plot', done.stdout))
     assert rendered == expected and len(expected) == 3
     assert done.stdout.count('class="main-svg"') >= 2 * len(expected)  # each plot drew its SVG
+    from mechmem.report.docs import write_results_doc
+
+    doc = write_results_doc(tmp_path / "results.json", tmp_path / "docs").read_text()
+    for div_id in expected:
+        name, key = div_id.removeprefix("fig-").split("-", 1)
+        image = tmp_path / "docs" / "img" / f"{name}_{key}.png"
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(img/{image.name})" in doc
     errors = [
         line for line in done.stderr.splitlines() if "Uncaught" in line or ":ERROR:CONSOLE" in line
     ]
