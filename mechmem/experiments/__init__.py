@@ -8,10 +8,11 @@ Example:
     True
 """
 
-from mechmem.experiments import attractor, drugs, rdnet
+from mechmem.experiments import attractor, drugs, nnm_retrieval, rdnet
 from mechmem.experiments.attractor import AttractorExperimentConfig, run_attractor
 from mechmem.experiments.base import Experiment
 from mechmem.experiments.drugs import DrugsExperimentConfig, run_drugs
+from mechmem.experiments.nnm_retrieval import NNMRetrievalConfig, run_nnm_retrieval
 from mechmem.experiments.rdnet import RDNetExperimentConfig, run_rdnet
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -76,15 +77,34 @@ EXPERIMENTS: dict[str, Experiment] = {
         },
         summary="RD-Net: long-generation repetition against sampling and penalty controls",
     ),
+    "nnm-retrieval": Experiment(
+        name="nnm-retrieval",
+        config_class=NNMRetrievalConfig,
+        run=run_nnm_retrieval,
+        figures=nnm_retrieval.figures,
+        scales={
+            "smoke": {
+                "synthetic_docs": 32,
+                "synthetic_queries": 8,
+                "id_texts": 32,
+                "max_tokens": 48,
+            },
+            "default": {},
+            "full": {"synthetic_docs": 2000, "synthetic_queries": 500, "max_tokens": 512},
+        },
+        summary="KV-Embedding: NDCG@10 / recall@100 vs hidden-state pooling and BM25 (BEIR)",
+    ),
 }
 
 __all__ = [
     "EXPERIMENTS",
     "AttractorExperimentConfig",
     "DrugsExperimentConfig",
+    "NNMRetrievalConfig",
     "Experiment",
     "RDNetExperimentConfig",
     "run_attractor",
     "run_drugs",
+    "run_nnm_retrieval",
     "run_rdnet",
 ]

@@ -214,16 +214,17 @@ def embed(
     Example:
         >>> q = embed(model, ["Do cats purr?"], role="query", layers=[13, 14, 15])  # doctest: +SKIP
     """
-    return encode(
+    kvs, _ = encode_layer_sets(
         model,
         texts,
+        [layers],
         role=role,
-        layers=layers,
         prefix_bias=prefix_bias,
         batch_size=batch_size,
         max_tokens=max_tokens,
         progress=progress,
-    ).kv
+    )
+    return kvs[0]
 
 
 def hidden_state_embeddings(
