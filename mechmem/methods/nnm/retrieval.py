@@ -1,5 +1,6 @@
 """Ranking and its metrics: dense top-k by cosine, BM25 (``bm25s``), and NDCG@k / recall@k per
-query (``ranx``).
+query (``ranx``). Both libraries are imported on first use (``ranx`` pulls in numba, seconds
+of import time that ``import mechmem`` should not pay).
 
 A *run* is ``{query id: {document id: score}}`` holding each query's top ``k`` documents; a
 *qrels* is ``{query id: {document id: relevance}}``. :func:`evaluate` returns one value per
@@ -17,11 +18,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import bm25s
 import torch
 from jaxtyping import Float
-from ranx import Qrels, Run
-from ranx import evaluate as ranx_evaluate
 from torch import Tensor
 
 from mechmem.core.config import is_integer
@@ -68,6 +66,8 @@ def bm25_run(
         >>> bm25_run({"q": "cat"}, {"a": "a cat", "b": "a dog"}, k=1)  # doctest: +SKIP
         {'q': {'a': 0.18...}}
     """
+    import bm25s
+
     _check_k(k)
     doc_ids = list(corpus)
     retriever = bm25s.BM25()
@@ -95,6 +95,9 @@ def evaluate(
         >>> evaluate({"q": {"d": 1}}, {"q": {"x": 2.0, "d": 1.0}}, ["recall@1"])
         {'recall@1': {'q': 0.0}}
     """
+    from ranx import Qrels, Run
+    from ranx import evaluate as ranx_evaluate
+
     if not qrels:
         raise ValueError("qrels: no query to evaluate")
     full_run = {q: run.get(q) or {} for q in qrels}
@@ -106,6 +109,8 @@ def evaluate(
 
 
 def _tokens(texts: list[str]):
+    import bm25s
+
     return bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
 
