@@ -56,21 +56,26 @@ def untouched_hf(args: argparse.Namespace, attn_implementation: str = "eager"):
     return model.to(_device(args)).eval()
 
 
-def best_times(arms: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def best_times(
+    arms: dict[str, Callable[[], object]],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
     """Best wall time (s) of each arm over ``repeats`` interleaved rounds, after one warm-up
     run of every arm; interleaving spreads the machine's noise over all arms alike. Each
-    round's times are printed as they come (in the arms' order)."""
+    round's times are printed as they come (in the arms' order). ``clock=time.process_time``
+    counts this process's CPU time instead (steadier on a machine other jobs load)."""
     for run in arms.values():
         run()
     best = {name: float("inf") for name in arms}
     for round_ in range(repeats):
         times = []
         for name, run in arms.items():
-            start = time.perf_counter()
+            start = clock()
             run()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
             best[name] = min(best[name], times[-1])
         print(f"round {round_ + 1}/{repeats}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
     return best

@@ -29,8 +29,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "seeds": [0],
                 "tokens": 100,
                 "rep_window": 50,
-                "generation_arms": ["causal", "faithful_standard"],
+                "generation_arms": ["causal"],
                 "qa_items": 24,
+                "qa_chains": 8,
             },
             "default": {},
             "full": {

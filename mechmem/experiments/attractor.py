@@ -101,12 +101,12 @@ class AttractorExperimentConfig(Config):
     tokens: int = 500
     temperature: float = 0.8
     generation_arms: list[Arm] = field(
-        default_factory=lambda: ["causal", "causal_standard", "faithful_standard"]
+        default_factory=lambda: ["causal", "causal_standard", "faithful"]
     )
     rep_window: int = 100
     # (d)
-    qa_items: int = 240
-    qa_chains: int = 8
+    qa_items: int = 160
+    qa_chains: int = 16
     qa_seed: int = 0
     qa_arm: Arm = "causal"
     n_permutations: int = 10000

@@ -82,16 +82,8 @@ def _fact(kind: str, name: str, rng: random.Random, used: dict[str, set]) -> tup
     )
 
 
-def story_item(
-    index: int, *, seed: int = 0, n_people: int = 3, facts_per_person: int = 2, fillers: int = 2
-) -> StoryItem:
-    """Item ``index`` of the seeded sequence (see the module docs).
-
-    Example:
-        >>> story_item(3, seed=1) == story_item(3, seed=1)
-        True
-    """
-    rng = random.Random(f"{seed}:{index}")
+def _story(rng: random.Random, n_people: int, facts_per_person: int, fillers: int):
+    """``(story, question, answer, kind)`` drawn from ``rng``."""
     names = rng.sample(NAMES, n_people)
     kinds = rng.sample(KINDS, facts_per_person)  # the same kinds for everyone: distractors
     used: dict[str, set] = {kind: set() for kind in KINDS}
@@ -100,8 +92,33 @@ def story_item(
     rng.shuffle(sentences)
     asked = rng.randrange(len(facts))
     _, question, answer = facts[asked]
-    prompt = f"Story: {' '.join(sentences)}\nQuestion: {question}\nAnswer:"
-    return StoryItem(prompt=prompt, answer=answer.lower(), kind=kinds[asked % facts_per_person])
+    return " ".join(sentences), question, answer, kinds[asked % facts_per_person]
+
+
+def story_item(
+    index: int,
+    *,
+    seed: int = 0,
+    n_people: int = 2,
+    facts_per_person: int = 2,
+    fillers: int = 1,
+    shots: int = 1,
+) -> StoryItem:
+    """Item ``index`` of the seeded sequence (see the module docs), after ``shots`` solved
+    examples of the same form (drawn from the same seed) that show the one-word answer format.
+
+    Example:
+        >>> story_item(3, seed=1) == story_item(3, seed=1)
+        True
+    """
+    rng = random.Random(f"{seed}:{index}")
+    blocks = []
+    for _ in range(shots):
+        story, question, answer, _ = _story(rng, n_people, facts_per_person, fillers)
+        blocks.append(f"Story: {story}\nQuestion: {question}\nAnswer: {answer}\n\n")
+    story, question, answer, kind = _story(rng, n_people, facts_per_person, fillers)
+    prompt = "".join(blocks) + f"Story: {story}\nQuestion: {question}\nAnswer:"
+    return StoryItem(prompt=prompt, answer=answer.lower(), kind=kind)
 
 
 def story_items(n: int, *, seed: int = 0, **options) -> list[StoryItem]:

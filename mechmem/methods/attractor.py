@@ -4,8 +4,8 @@ Per wrapped layer the state is ``M`` slots ``A`` (``d_head`` vectors, drawn N(0,
 their strengths ``S`` (0 at the start), the update at which each was last used, and an update
 counter ``t``. The queries are the layer's pre-RoPE queries averaged over heads
 (``blocks.{l}.attn.hook_q`` is ``[batch, pos, heads, d_head]`` before any rotation on every
-architecture; GPT-2 has no rotation). One update (:func:`attractor_update`) takes a set of
-queries q̄ in order and:
+architecture; GPT-2 has no rotation; :func:`query_source` says where they are read). One update
+(:func:`attractor_update`) takes a set of queries q̄ in order and:
 
 1. detects: ``m* = argmax_m cos(q̄, A_m)``; a match if ``cos > threshold`` and
    ``S_m* > min_strength``;
@@ -53,6 +53,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -60,6 +61,10 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
+from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
+    PositionEmbeddingsAttentionBridge,
+)
 
 from mechmem.core.config import Config, is_integer, require
 from mechmem.core.intervention import Intervention
@@ -310,11 +315,12 @@ def attractor_update(
             new_slots[row, dead[row]] = fresh * c.init_std
     evicted = dead | replaced
 
-    used = hit | born
     keep = ~active[:, None]
-    state.slots = torch.where(keep[..., None], slots, new_slots)
-    state.strengths = torch.where(keep, strengths, new_strengths)
-    state.last_used = torch.where(used & ~keep, state.updates[:, None], state.last_used)
+    if not bool(active.all()):
+        new_slots = torch.where(keep[..., None], slots, new_slots)
+        new_strengths = torch.where(keep, strengths, new_strengths)
+    state.slots, state.strengths = new_slots, new_strengths
+    state.last_used = torch.where((hit | born) & ~keep, state.updates[:, None], state.last_used)
     state.updates = state.updates + active.long()
     return UpdateEvents(
         best_slot=best_slot,
@@ -360,6 +366,29 @@ def tile(vector: Float[Tensor, "... d_head"], d_model: int) -> Float[Tensor, "..
     """
     copies = -(-d_model // vector.shape[-1])
     return vector.repeat(*([1] * (vector.ndim - 1)), copies)[..., :d_model]
+
+
+def query_source(model, layer: int) -> tuple[str, Callable[[Tensor], Tensor]]:
+    """Where ``layer``'s pre-RoPE queries ``[batch, pos, heads, d_head]`` are read: the hook and
+    the function that turns its activation into them.
+
+    ``blocks.{l}.attn.hook_q`` in general. A rotary attention with a plain query projection
+    (Llama, Qwen2, SmolLM2) is read at its input ``attn.hook_in`` through that projection
+    instead: the same numbers, but a hook on ``hook_q`` next to one on ``hook_attn_out`` would
+    send the layer through TransformerLens' own attention (:mod:`mechmem.core.fastpath`),
+    which costs more than the projection computed once more.
+
+    Example:
+        >>> query_source(model, 1)[0]   # doctest: +SKIP
+        'blocks.1.attn.hook_in'
+    """
+    attention = model.blocks[layer].attn
+    projection = getattr(attention, "q", None)
+    if type(attention) is PositionEmbeddingsAttentionBridge and type(projection) is LinearBridge:
+        linear = projection.original_component
+        shape = (int(model.cfg.n_heads), int(model.cfg.d_head))
+        return f"blocks.{layer}.attn.hook_in", lambda x: linear(x).unflatten(-1, shape)
+    return f"blocks.{layer}.attn.hook_q", lambda x: x
 
 
 def o_proj_matrix(model, layer: int) -> Float[Tensor, "d_head d_model"]:
@@ -483,7 +512,8 @@ class Attractor(Intervention):
                 readout = lambda v, m=matrix: v @ m.to(v.device)  # noqa: E731
             else:
                 readout = lambda v: tile(v, d_model)  # noqa: E731
-            specs.append((f"blocks.{layer}.attn.hook_q", self._query_hook(index)))
+            site, queries_of = query_source(model, layer)
+            specs.append((site, self._query_hook(index, queries_of)))
             specs.append((f"blocks.{layer}.hook_attn_out", self._inject_hook(index, readout)))
         return specs
 
@@ -522,10 +552,11 @@ class Attractor(Intervention):
         self._slots[index], self._strengths[index] = state.slots, state.strengths
         self._last_used[index], self._updates[index] = state.last_used, state.updates
 
-    def _query_hook(self, index: int):
+    def _query_hook(self, index: int, queries_of):
         def read(activation, hook):
             context = self.context
-            queries = activation.detach().float().mean(2)  # [batch, pos, d_head]
+            with torch.no_grad():
+                queries = queries_of(activation).detach().float().mean(2)  # [batch, pos, d_head]
             valid = context.new_mask.bool()
             state = self._state(index, queries.shape[-1])
             if context.phase == "reprefill":
@@ -623,9 +654,11 @@ class Attractor(Intervention):
                 width = last["positions"].shape[1]
                 last["injected_norm"] = norms[:, -width:].cpu()
             rows = norms.amax(1) > 0
+            if bool(rows.all()):
+                return activation + delta.to(activation.dtype)
             if not bool(rows.any()):
                 return None
-            out = activation.clone()
+            out = activation.clone()  # rows with nothing to add stay bit for bit as they were
             out[rows] += delta[rows].to(out.dtype)
             return out
 

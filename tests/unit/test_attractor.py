@@ -23,6 +23,7 @@ from mechmem.methods.attractor import (
     attractor_update,
     o_proj_matrix,
     preset_layers,
+    query_source,
     tile,
 )
 
@@ -100,6 +101,20 @@ def test_hook_q_is_before_the_rotation(tiny, arch):
     torch.testing.assert_close(seen["q"][0], seen["q"][3], atol=1e-6, rtol=0)
     if arch != "gpt_neox":  # its bridge fires no hook_rot_q
         assert not torch.allclose(seen["rot"][0], seen["rot"][3], atol=1e-3)
+
+
+def test_queries_are_hook_q_averaged_over_heads_wherever_they_are_read(tiny_model_any):
+    model, seen = tiny_model_any, {}
+    site, queries_of = query_source(model, 1)
+    hooks = [
+        ("blocks.1.attn.hook_q", lambda x, hook: seen.update(q=x.clone())),
+        (site, lambda x, hook: seen.update(read=queries_of(x).clone())),
+    ]
+    with model.hooks(fwd_hooks=hooks):
+        mechmem.forward(model, _ids(model, "some text to read"))
+    assert torch.equal(seen["read"], seen["q"])
+    rotary = model.cfg.architecture in ("LlamaForCausalLM", "Qwen2ForCausalLM")
+    assert site == ("blocks.1.attn.hook_in" if rotary else "blocks.1.attn.hook_q")
 
 
 def test_readouts_tile_and_the_output_projection(tiny):
@@ -368,7 +383,7 @@ def test_presets_fill_defaults_explicit_fields_win_and_json_round_trips(tiny):
     rebuilt = intervention_from_dict(json.loads(json.dumps(attractor.to_dict())))
     assert isinstance(rebuilt, Attractor) and rebuilt.config == attractor.config
     hooks = [name for name, _ in attractor.hooks(tiny("llama"))]
-    sites = ("attn.hook_q", "hook_attn_out")
+    sites = ("attn.hook_in", "hook_attn_out")  # queries through q_proj: see query_source
     assert hooks == [f"blocks.{layer}.{site}" for layer in range(3) for site in sites]
 
 

@@ -86,11 +86,12 @@ def test_story_items_are_seeded_have_distractors_and_score_by_first_word():
     assert story_items(20, seed=3) == story_items(20, seed=3)
     assert story_items(20, seed=3) != story_items(20, seed=4)
     for item in story_items(50, seed=0):
-        story = item.prompt.split("\n")[0]
+        *shots, asked = item.prompt.split("\n\n")
+        assert len(shots) == 1 and shots[0].startswith("Story: ") and asked.endswith("Answer:")
+        story = asked.split("\n")[0]
         assert item.answer in story.lower()
-        assert item.prompt.endswith("Answer:")
-    item = story_item(0, n_people=4, facts_per_person=3)
-    assert item.prompt.count(".") >= 12
+    item = story_item(0, n_people=4, facts_per_person=3, shots=0)
+    assert item.prompt.count(".") >= 12 and "\n\n" not in item.prompt
     assert first_word(" Paris.") == "paris" and first_word("...") == ""
     assert is_correct("\nBlue", "blue") and not is_correct(" light blue", "blue")
 
