@@ -8,9 +8,10 @@ Example:
     True
 """
 
-from mechmem.experiments import attractor, drugs, nnm_retrieval, rdnet
+from mechmem.experiments import attractor, continuity, drugs, nnm_retrieval, rdnet
 from mechmem.experiments.attractor import AttractorExperimentConfig, run_attractor
 from mechmem.experiments.base import Experiment
+from mechmem.experiments.continuity import ContinuityExperimentConfig, run_continuity
 from mechmem.experiments.drugs import DrugsExperimentConfig, run_drugs
 from mechmem.experiments.nnm_retrieval import NNMRetrievalConfig, run_nnm_retrieval
 from mechmem.experiments.rdnet import RDNetExperimentConfig, run_rdnet
@@ -78,6 +79,24 @@ EXPERIMENTS: dict[str, Experiment] = {
         },
         summary="RD-Net: long-generation repetition against sampling and penalty controls",
     ),
+    "continuity": Experiment(
+        name="continuity",
+        config_class=ContinuityExperimentConfig,
+        run=run_continuity,
+        figures=continuity.figures,
+        scales={
+            "smoke": {
+                "prompts": continuity.DEFAULT_PROMPTS[:4],
+                "gains": [0.8],
+                "layer_stride": 10,
+                "topics": 1,
+                "max_new_tokens": 16,
+            },
+            "default": {},
+            "full": {"seeds": [0, 1, 2, 3], "max_new_tokens": 96},
+        },
+        summary="Continuity stream: logit probe (linkage 1 vs 0) and the 5-turn stance protocol",
+    ),
     "nnm-retrieval": Experiment(
         name="nnm-retrieval",
         config_class=NNMRetrievalConfig,
@@ -100,11 +119,13 @@ EXPERIMENTS: dict[str, Experiment] = {
 __all__ = [
     "EXPERIMENTS",
     "AttractorExperimentConfig",
+    "ContinuityExperimentConfig",
     "DrugsExperimentConfig",
     "NNMRetrievalConfig",
     "Experiment",
     "RDNetExperimentConfig",
     "run_attractor",
+    "run_continuity",
     "run_drugs",
     "run_nnm_retrieval",
     "run_rdnet",

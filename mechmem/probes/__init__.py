@@ -6,6 +6,7 @@ from mechmem.probes.logit_delta import (
     LogitDeltaResult,
     compare_logits,
     logit_delta,
+    logit_delta_arms,
     logit_delta_by_layer,
 )
 from mechmem.probes.perplexity import PerplexityResult, perplexity
@@ -27,6 +28,7 @@ __all__ = [
     "id_profile",
     "layer_representations",
     "logit_delta",
+    "logit_delta_arms",
     "logit_delta_by_layer",
     "perplexity",
     "rep_n",

@@ -15,7 +15,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -185,18 +185,51 @@ def logit_delta(
         ...                                                      # doctest: +SKIP
         0.0
     """
-    items = _checked_arm(model, interventions, positions, k)
-    merged = _delta_metrics(model, prompts, [items], positions, k, batch_size)[0]
-    meta = {"interventions": [i.to_dict() for i in items], "positions": positions}
-    return LogitDeltaResult(**merged, k=k, meta=meta)
+    options = dict(positions=positions, k=k, batch_size=batch_size)
+    return logit_delta_arms(model, prompts, {"intervened": interventions}, **options)["intervened"]
+
+
+def logit_delta_arms(
+    model,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    arms: Mapping[str, Intervention | Sequence[Intervention]],
+    *,
+    positions: Positions = "last",
+    k: int = 10,
+    batch_size: int = 16,
+) -> dict[str, LogitDeltaResult]:
+    """:func:`logit_delta` of several arms against one shared clean run (each batch runs clean
+    once and then once per arm).
+
+    Example:
+        >>> results = logit_delta_arms(model, "Hi", {"weak": Steer(layer=1, scale=1.0),
+        ...                                          "strong": Steer(layer=1, scale=8.0)})
+        ...                                                      # doctest: +SKIP
+        >>> results["strong"].summary()["kl_forward"]            # doctest: +SKIP
+    """
+    if not arms:
+        raise ValueError("arms: give at least one arm")
+    names = list(arms)
+    checked = [_checked_arm(model, arms[name], positions, k) for name in names]
+    merged = _delta_metrics(model, prompts, checked, positions, k, batch_size)
+    return {
+        name: LogitDeltaResult(
+            **metrics,
+            k=k,
+            meta={"interventions": [i.to_dict() for i in items], "positions": positions},
+        )
+        for name, items, metrics in zip(names, checked, merged)
+    }
 
 
 @dataclass
 class LayerEffectResult:
-    """Summary metrics of one intervention applied at each layer in turn."""
+    """Summary metrics of one intervention applied at each layer in turn (``results``: each
+    layer's per-position metrics, for intervals across prompts)."""
 
     layers: list[int]
     summaries: list[dict[str, float]]
+    results: list[LogitDeltaResult] = field(default_factory=list)
 
     def metric(self, name: str) -> np.ndarray:
         """One summary metric across layers."""
@@ -231,8 +264,9 @@ def logit_delta_by_layer(
     for layer in layers:
         Intervention.check_layer(model, layer, "layers")
     arms = [_checked_arm(model, make_intervention(layer), positions, k) for layer in layers]
-    summaries = [
-        LogitDeltaResult(**metrics, k=k).summary()
+    results = [
+        LogitDeltaResult(**metrics, k=k)
         for metrics in _delta_metrics(model, prompts, arms, positions, k, batch_size)
     ]
-    return LayerEffectResult(layers=layers, summaries=summaries)
+    summaries = [result.summary() for result in results]
+    return LayerEffectResult(layers=layers, summaries=summaries, results=results)
