@@ -8,11 +8,13 @@ Example:
     True
 """
 
-from mechmem.experiments import attractor, continuity, drugs, nnm_retrieval, rdnet
+from mechmem.experiments import attractor, continuity, drugs, needle, nnm_gate, nnm_retrieval, rdnet
 from mechmem.experiments.attractor import AttractorExperimentConfig, run_attractor
 from mechmem.experiments.base import Experiment
 from mechmem.experiments.continuity import ContinuityExperimentConfig, run_continuity
 from mechmem.experiments.drugs import DrugsExperimentConfig, run_drugs
+from mechmem.experiments.needle import NeedleConfig, run_needle
+from mechmem.experiments.nnm_gate import NNMGateConfig, run_nnm_gate
 from mechmem.experiments.nnm_retrieval import NNMRetrievalConfig, run_nnm_retrieval
 from mechmem.experiments.rdnet import RDNetExperimentConfig, run_rdnet
 
@@ -114,6 +116,30 @@ EXPERIMENTS: dict[str, Experiment] = {
         },
         summary="KV-Embedding: NDCG@10 / recall@100 vs hidden-state pooling and BM25 (BEIR)",
     ),
+    "nnm-gate": Experiment(
+        name="nnm-gate",
+        config_class=NNMGateConfig,
+        run=run_nnm_gate,
+        figures=nnm_gate.figures,
+        scales={
+            "smoke": {"n_items": 6, "held_out": 12, "max_new_tokens": 6},
+            "default": {},
+            "full": {"n_items": 500, "held_out": 400},
+        },
+        summary="NNM gate: cold / rag / stored KV prefix / text-prefix / random / injection, EM",
+    ),
+    "needle": Experiment(
+        name="needle",
+        config_class=NeedleConfig,
+        run=run_needle,
+        figures=needle.figures,
+        scales={
+            "smoke": {"lengths": [64, 160], "depths": [0.5], "max_new_tokens": 6},
+            "default": {},
+            "full": {"lengths": [512, 1024, 2048, 4096, 8000], "needles": 5},
+        },
+        summary="Needle in a haystack: rag vs stored KV prefix vs cold, question never truncated",
+    ),
 }
 
 __all__ = [
@@ -121,12 +147,16 @@ __all__ = [
     "AttractorExperimentConfig",
     "ContinuityExperimentConfig",
     "DrugsExperimentConfig",
+    "NNMGateConfig",
     "NNMRetrievalConfig",
+    "NeedleConfig",
     "Experiment",
     "RDNetExperimentConfig",
     "run_attractor",
     "run_continuity",
     "run_drugs",
+    "run_needle",
+    "run_nnm_gate",
     "run_nnm_retrieval",
     "run_rdnet",
 ]

@@ -27,6 +27,10 @@ from mechmem.core.tokens import check_token_ids, hf_tokenizer, left_pad, pad_tok
 FIELD = "{text}"
 
 
+class _Captured(Exception):
+    """Raised by the last capture hook to end a forward pass early."""
+
+
 @dataclass(frozen=True)
 class EncodedText:
     """One text in its prompt: every token id, and the indices of the text's own tokens."""
@@ -89,6 +93,8 @@ def token_states(
     def keeper(name: str):
         def keep(activation, hook):
             captured[name] = activation.detach()
+            if len(captured) == len(hooks):
+                raise _Captured  # every state is in: skip the later layers and the unembedding
 
         return keep
 
@@ -99,7 +105,11 @@ def token_states(
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             tokens, mask = left_pad([list(t.ids) for t in chunk], pad)
-            forward(model, tokens.to(device), attention_mask=mask.to(device))
+            captured.clear()
+            try:
+                forward(model, tokens.to(device), attention_mask=mask.to(device))
+            except _Captured:
+                pass
             width = tokens.shape[1]
             for row, text in enumerate(chunk):
                 columns = torch.tensor(text.content) + (width - len(text.ids))

@@ -344,7 +344,7 @@ class MemoryStore:
         new = [i for i, source in enumerate(ids) if not self._has(source)]
         skipped = sorted(set(range(len(ids))) - set(new))
         added_points = 0
-        for start in _progress(range(0, len(new), batch_size), progress, "ingest"):
+        for start in progress_bar(range(0, len(new), batch_size), progress, "ingest"):
             chunk = new[start : start + batch_size]
             hooks = [self._retrieval_hook, self._injection_hook]
             states = token_states(self.model, [encoded[i] for i in chunk], hooks, batch_size)
@@ -608,7 +608,8 @@ def _with_retry(call: Callable[[], Any], attempts: int, what: str) -> Any:
     return None
 
 
-def _progress(items, enabled: bool, label: str):
+def progress_bar(items, enabled: bool, label: str):
+    """``items`` wrapped in a tqdm bar when ``enabled``."""
     if not enabled:
         return items
     from tqdm.auto import tqdm
