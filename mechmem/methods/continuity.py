@@ -135,6 +135,8 @@ class Continuity(Intervention):
         self.calls: list[int] = []
         self._inputs: dict[int, Tensor] = {}
         self._linkages: list[float] = []
+        self._scales: Tensor | None = None  # gain × linkage of the linked rows
+        self._rotation: tuple[StepContext, tuple[Tensor, Tensor] | None] | None = None
         # the seeded weights depend only on the model and the layers: kept across resets
         self._seeded: tuple[int, tuple[int, ...], list[SeededAttention]] | None = getattr(
             self, "_seeded", None
@@ -159,6 +161,9 @@ class Continuity(Intervention):
             if kind in ROTARY_TYPES and rotary_module(model) is None:
                 raise ValueError("variant='causal': cannot find this model's rotary embedding")
         self._seed(model, layers)
+        c = self.config
+        if not any(c.row_linkages if c.row_linkages is not None else [c.linkage]):
+            return []  # linkage 0 everywhere: the base model, with nothing attached
         specs = []
         for index, layer in enumerate(layers):
             specs.append((f"blocks.{layer}.attn.hook_in", partial(self._keep_input, index)))
@@ -180,6 +185,7 @@ class Continuity(Intervention):
         super().begin_step(context)
         c = self.config
         self._linkages = per_row(c.linkage, c.row_linkages, context.batch_size, "row_linkages")
+        self._scales = None
         held = next((m.shape[0] for m in self._memory if m is not None), context.batch_size)
         if held != context.batch_size:
             raise ValueError(
@@ -209,11 +215,13 @@ class Continuity(Intervention):
         else:
             delta = self._faithful(index, attention, x, context)
         self.calls[index] += 1
-        scale = torch.tensor(
-            [self.config.gain * self._linkages[row] for row in rows], device=delta.device
-        )
-        out = activation.clone()
-        out[rows] = out[rows] + (scale[:, None, None] * delta[rows]).to(out.dtype)
+        if self._scales is None:
+            scales = [self.config.gain * self._linkages[row] for row in rows]
+            self._scales = torch.tensor(scales, device=delta.device)[:, None, None]
+        if len(rows) == len(self._linkages):
+            return activation + (self._scales * delta).to(activation.dtype)
+        out = activation.clone()  # rows with linkage 0 stay exactly as they are
+        out[rows] = out[rows] + (self._scales * delta[rows]).to(out.dtype)
         return out
 
     def _context_for(self, x: Tensor) -> StepContext:
@@ -243,22 +251,26 @@ class Continuity(Intervention):
         self, index: int, attention: SeededAttention, x: Float[Tensor, "b n d"], context
     ) -> Float[Tensor, "b n d"]:
         cached, new = context.cache_length, x.shape[1]
-        position_ids = context.position_ids if attention.rotary is not None else None
-        keys, values = attention.keys_values(x, position_ids)
+        queries, keys, values = attention.project(x, self._rotation_for(attention, context, x))
         past, past_valid = self._past(index, cached, keys)
         memory = torch.cat([past, torch.cat([keys, values], dim=1)], dim=2)
         valid = torch.cat([past_valid, context.new_mask.bool()], dim=1)
         valid = valid & context.attention_mask.bool()
+        allowed = valid[:, None, :]
+        if new > 1:  # one new position sees every column anyway
+            allowed = allowed & torch.ones(
+                new, cached + new, dtype=torch.bool, device=x.device
+            ).tril(cached)
         heads = attention.n_heads
-        causal = torch.ones(new, cached + new, dtype=torch.bool, device=x.device).tril(cached)
-        delta = attention.attend(
-            attention.queries(x, position_ids),
-            memory[:, :heads],
-            memory[:, heads:],
-            valid[:, None, :] & causal,
-        )
+        delta = attention.attend(queries, memory[:, :heads], memory[:, heads:], allowed)
         self._memory[index], self._valid[index] = memory, valid
         return delta
+
+    def _rotation_for(self, attention: SeededAttention, context: StepContext, x: Tensor):
+        """The rotary ``(cos, sin)`` of this forward's positions, computed once per forward."""
+        if self._rotation is None or self._rotation[0] is not context:
+            self._rotation = (context, attention.rotation(context.position_ids, x))
+        return self._rotation[1]
 
     def _past(self, index: int, columns: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """The memory of the ``columns`` cached columns: cut back to them, or led by invalid

@@ -13,8 +13,8 @@ positions, it reproduces the layer's attention output; the continuity stream
 
 Example:
     >>> attention = SeededAttention.of(model, layer=2)                 # doctest: +SKIP
-    >>> q = attention.queries(x, position_ids)                          # doctest: +SKIP
-    >>> k, v = attention.keys_values(x, position_ids)                   # doctest: +SKIP
+    >>> rotation = attention.rotation(position_ids, x)                  # doctest: +SKIP
+    >>> q, k, v = attention.project(x, rotation)                        # doctest: +SKIP
     >>> out = attention.attend(q, k, v, causal_mask)                    # doctest: +SKIP
 """
 
@@ -36,20 +36,17 @@ class SeededAttention:
     """One layer's attention weights as an ``H``-head attention (see the module docs).
 
     Attributes:
-        w_q, w_k, w_v: ``[d_model, H * d_head]`` input projections (k and v expanded).
-        b_q, b_k, b_v: ``[H * d_head]`` biases (zeros where the model has none).
+        w_qkv: ``[d_model, 3 * H * d_head]``, the query, key and value projections side by side
+            (key and value expanded; :attr:`w_q`, :attr:`w_k`, :attr:`w_v` are views of it).
+        b_qkv: ``[3 * H * d_head]`` biases (zeros where the model has none).
         w_o: ``[H * d_head, d_model]``; b_o: ``[d_model]``.
         n_heads, d_head: query heads and their size.
         scale: the layer's softmax scale.
         rotary: the model's rotary embedding module (``None``: no rotary positions).
     """
 
-    w_q: Tensor
-    w_k: Tensor
-    w_v: Tensor
-    b_q: Tensor
-    b_k: Tensor
-    b_v: Tensor
+    w_qkv: Tensor
+    b_qkv: Tensor
     w_o: Tensor
     b_o: Tensor
     n_heads: int
@@ -114,12 +111,8 @@ class SeededAttention:
 
         b_q, b_k, b_v, b_o = biases
         return cls(
-            w_q=inputs(w_q, 1),
-            w_k=inputs(w_k, rep),
-            w_v=inputs(w_v, rep),
-            b_q=bias(b_q, 1),
-            b_k=bias(b_k, rep),
-            b_v=bias(b_v, rep),
+            w_qkv=torch.cat([inputs(w_q, 1), inputs(w_k, rep), inputs(w_v, rep)], dim=1),
+            b_qkv=torch.cat([bias(b_q, 1), bias(b_k, rep), bias(b_v, rep)]),
             w_o=w_o.detach().reshape(n_heads * d_head, d_model),
             b_o=w_q.new_zeros(d_model) if b_o is None else b_o.detach().reshape(d_model),
             n_heads=n_heads,
@@ -128,32 +121,60 @@ class SeededAttention:
             rotary=rotary_module(model),
         )
 
+    def _part(self, tensor: Tensor, index: int) -> Tensor:
+        width = self.n_heads * self.d_head
+        return tensor[..., index * width : (index + 1) * width]
+
+    @property
+    def w_q(self) -> Tensor:
+        return self._part(self.w_qkv, 0)
+
+    @property
+    def w_k(self) -> Tensor:
+        return self._part(self.w_qkv, 1)
+
+    @property
+    def w_v(self) -> Tensor:
+        return self._part(self.w_qkv, 2)
+
+    def rotation(
+        self, position_ids: Int[Tensor, "batch pos"], like: Tensor
+    ) -> tuple[Tensor, Tensor] | None:
+        """The model's rotary ``(cos, sin)`` at ``position_ids`` (``None`` for a model without
+        rotary positions), shaped to rotate ``[batch, H, pos, d_head]`` states."""
+        if self.rotary is None:
+            return None
+        cos, sin = self.rotary(like, position_ids)
+        return cos[:, None].to(like.dtype), sin[:, None].to(like.dtype)
+
     def _heads(self, projected: Float[Tensor, "batch pos hd"]) -> Float[Tensor, "batch H pos d"]:
         batch, pos, _ = projected.shape
         return projected.view(batch, pos, self.n_heads, self.d_head).transpose(1, 2)
 
-    def _rotate(
-        self, states: Float[Tensor, "batch H pos d"], position_ids: Int[Tensor, "batch pos"] | None
-    ) -> Float[Tensor, "batch H pos d"]:
-        if position_ids is None:
-            return states
-        if self.rotary is None:
-            raise ValueError("rotary positions asked for, but the model has no rotary embedding")
-        cos, sin = self.rotary(states, position_ids)
-        return apply_rotary(states, cos[:, None].to(states.dtype), sin[:, None].to(states.dtype))
+    @staticmethod
+    def _rotate(states: Tensor, rotation: tuple[Tensor, Tensor] | None) -> Tensor:
+        return states if rotation is None else apply_rotary(states, *rotation)
 
     def queries(
-        self, x: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"] | None
+        self, x: Float[Tensor, "batch pos d_model"], rotation: tuple[Tensor, Tensor] | None
     ) -> Float[Tensor, "batch H pos d_head"]:
-        """Queries of ``x``, rotated at ``position_ids`` (``None``: not rotated)."""
-        return self._rotate(self._heads(x @ self.w_q + self.b_q), position_ids)
+        """Queries of ``x``, rotated by ``rotation`` (``None``: not rotated)."""
+        return self._rotate(self._heads(x @ self.w_q + self._part(self.b_qkv, 0)), rotation)
 
     def keys_values(
-        self, x: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "batch pos"] | None
+        self, x: Float[Tensor, "batch pos d_model"], rotation: tuple[Tensor, Tensor] | None
     ) -> tuple[Float[Tensor, "batch H pos d_head"], Float[Tensor, "batch H pos d_head"]]:
-        """Keys (rotated at ``position_ids`` unless ``None``) and values of ``x``."""
-        keys = self._rotate(self._heads(x @ self.w_k + self.b_k), position_ids)
-        return keys, self._heads(x @ self.w_v + self.b_v)
+        """Keys (rotated by ``rotation`` unless ``None``) and values of ``x``."""
+        keys = self._rotate(self._heads(x @ self.w_k + self._part(self.b_qkv, 1)), rotation)
+        return keys, self._heads(x @ self.w_v + self._part(self.b_qkv, 2))
+
+    def project(
+        self, x: Float[Tensor, "batch pos d_model"], rotation: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values of ``x`` in one matrix product (queries and keys rotated)."""
+        projected = x @ self.w_qkv + self.b_qkv
+        q, k, v = (self._heads(p) for p in projected.chunk(3, dim=-1))
+        return self._rotate(q, rotation), self._rotate(k, rotation), v
 
     def attend(
         self,

@@ -40,10 +40,11 @@ def test_seeded_copy_reproduces_the_attention_of_a_grouped_query_layer(embedded)
         mechmem.forward(embedded, ids)
     seeded = SeededAttention.of(embedded, layer)
     n = ids.shape[1]
-    positions = torch.arange(n)[None]
-    keys, values = seeded.keys_values(got["x"], positions)
+    queries, keys, values = seeded.project(
+        got["x"], seeded.rotation(torch.arange(n)[None], got["x"])
+    )
     causal = torch.ones(1, n, n, dtype=torch.bool).tril()
-    branch = seeded.attend(seeded.queries(got["x"], positions), keys, values, causal)
+    branch = seeded.attend(queries, keys, values, causal)
     torch.testing.assert_close(branch, got["out"], atol=1e-4, rtol=0)
 
 

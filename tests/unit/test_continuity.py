@@ -67,12 +67,15 @@ def test_seeded_projections_reproduce_the_layers_own_attention(tiny_model_any):
     for layer in range(model.cfg.n_layers):
         x, out = _captured(model, layer, ids)
         seeded = SeededAttention.of(model, layer)
-        positions = torch.arange(n)[None] if seeded.rotary is not None else None
-        keys, values = seeded.keys_values(x, positions)
+        rotation = seeded.rotation(torch.arange(n)[None], x)
+        queries, keys, values = seeded.project(x, rotation)
         causal = torch.ones(1, n, n, dtype=torch.bool).tril()
-        branch = seeded.attend(seeded.queries(x, positions), keys, values, causal)
+        branch = seeded.attend(queries, keys, values, causal)
         torch.testing.assert_close(branch, out, atol=1e-4, rtol=0)
-        without_mask = seeded.attend(seeded.queries(x, positions), keys, values, ~causal | causal)
+        # the separate projections are the fused ones
+        assert torch.equal(seeded.queries(x, rotation), queries)
+        assert all(map(torch.equal, seeded.keys_values(x, rotation), (keys, values)))
+        without_mask = seeded.attend(queries, keys, values, ~causal | causal)
         assert (without_mask - out).abs().max() > 1e-2  # the check can fail
 
 
