@@ -11,6 +11,8 @@ Examples:
     mechmem run rdnet --tokens 2000 --out results/
     mechmem run drugs --scale smoke
     mechmem report --scale smoke --out report/
+    mechmem memory ingest memory/ notes/*.txt --fit held_out.txt
+    mechmem memory search memory/ "Where is the vault?" -k 3
 """
 
 from __future__ import annotations
@@ -181,6 +183,10 @@ def _parser() -> argparse.ArgumentParser:
     twonn.add_argument("--n-boot", type=int, default=100, help="bootstrap refits for the CI")
     twonn.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     twonn.add_argument("--out", default="results", help="output folder")
+
+    from mechmem.methods.nnm.cli import add_memory_parser
+
+    add_memory_parser(commands, _add_model_args)
     return parser
 
 
@@ -303,6 +309,12 @@ def _probe(args: argparse.Namespace) -> int:
     return run_probe(args)
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from mechmem.methods.nnm.cli import run_memory
+
+    return run_memory(args, load_model)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mechmem`` console command."""
     from mechmem.models import ModelLoadError
@@ -311,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "chat": _chat,
         "generate": _generate,
+        "memory": _memory,
         "models": _models,
         "probe": _probe,
         "report": _report,

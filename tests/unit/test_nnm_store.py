@@ -169,3 +169,13 @@ def test_int8_recall_is_one_on_an_exact_grid_and_below_one_otherwise():
     assert int8_recall(grid, queries, k=5, quantile=1.0) == 1.0
     spiky = torch.randn(2000, 4, generator=g) ** 3
     assert 0.0 < int8_recall(spiky, torch.randn(20, 4, generator=g), k=10) < 1.0
+
+
+def test_memory_cli_refuses_bad_input_before_loading_a_model(tmp_path, capsys):
+    from mechmem.cli import main
+
+    assert main(["memory", "ingest", str(tmp_path / "m")]) == 2
+    assert "give text files or --lines" in capsys.readouterr().err
+    assert main(["memory", "ingest", str(tmp_path / "m"), str(tmp_path / "missing.txt")]) == 2
+    assert "no file at" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
