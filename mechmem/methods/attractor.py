@@ -586,14 +586,16 @@ class Attractor(Intervention):
         vector, burning = attractor_readout(state, self.config)
         if self.config.trace:
             newest = torch.arange(batch, device=queries.device) * width + width - 1
-            self._record(
-                index,
+            entries = dict(
                 strengths=state.strengths.expand(batch, -1),
                 fired=torch.where(events.matched[0, newest], events.best_slot[0, newest], -1),
                 cosine=torch.where(valid[:, -1], events.best_cosine[0, newest], torch.nan),
                 born=events.born.expand(batch, -1),
                 evicted=events.evicted.expand(batch, -1),
                 burn_in=burning.expand(batch),
+            )
+            self._record(
+                index, self.context.positions[:, -1:], {k: v[:, None] for k, v in entries.items()}
             )
         return vector.expand(batch, -1)[:, None].expand(batch, width, d_head)
 
@@ -620,27 +622,16 @@ class Attractor(Intervention):
                         burn_in=burning,
                     )
                 )
-        if records:
-            self._record(
-                index, **{k: torch.stack([r[k] for r in records]) for k in records[0]}, columns=True
-            )
+        if records:  # [batch, column, ...]
+            stacked = {key: torch.stack([r[key] for r in records], 1) for key in records[0]}
+            self._record(index, self.context.positions, stacked)
         return torch.stack(vectors, 1)
 
-    def _record(self, index: int, columns: bool = False, **entries: Tensor) -> None:
-        context = self.context
-        positions = context.positions if columns else context.positions[:, -1:]
-        if columns:
-            entries = {
-                k: v.transpose(0, 1) if v.ndim == 2 else v.permute(1, 0, 2)
-                for k, v in entries.items()
-            }
-        else:
-            entries = {k: v[:, None] for k, v in entries.items()}
+    def _record(self, index: int, positions: Tensor, entries: dict[str, Tensor]) -> None:
+        """Keep one forward pass's trace entries ``[batch, updates, ...]``."""
         entries["positions"] = positions
         entries["injected_norm"] = torch.zeros(positions.shape)  # set by the injection hook
-        self._records.setdefault(index, []).append(
-            {k: v.detach().cpu() for k, v in entries.items()}
-        )
+        self._records.setdefault(index, []).append({k: v.cpu() for k, v in entries.items()})
 
     def _inject_hook(self, index: int, readout):
         def inject(activation, hook):
