@@ -295,6 +295,29 @@ def attractor_events_figure(
     return fig
 
 
+def add_mean_band(
+    fig: go.Figure, x: Sequence[float], values: np.ndarray, name: str, mode: str = "lines"
+) -> None:
+    """Add the mean over the columns of ``values`` ``[len(x), runs]`` as a line, with a min–max
+    band when there is more than one run.
+
+    Example:
+        >>> add_mean_band(go.Figure(), [0, 1], np.array([[1.0, 2.0], [3.0, 5.0]]), "arm")
+    """
+    x = list(x)
+    if values.shape[1] > 1:
+        fig.add_scatter(
+            x=x + x[::-1],
+            y=values.max(1).tolist() + values.min(1)[::-1].tolist(),
+            fill="toself",
+            opacity=0.2,
+            line={"width": 0},
+            showlegend=False,
+            name=f"{name} (range)",
+        )
+    fig.add_scatter(x=x, y=values.mean(1), mode=mode, name=name)
+
+
 def attractor_injection_figure(
     norms: dict[str, np.ndarray], title: str = "Injected norm"
 ) -> go.Figure:
@@ -309,17 +332,6 @@ def attractor_injection_figure(
     fig = go.Figure()
     for label, values in norms.items():
         values = np.asarray(values, dtype=float).reshape(len(values), -1)
-        steps = np.arange(len(values)).tolist()
-        if values.shape[1] > 1:
-            fig.add_scatter(
-                x=steps + steps[::-1],
-                y=values.max(1).tolist() + values.min(1)[::-1].tolist(),
-                fill="toself",
-                opacity=0.2,
-                line={"width": 0},
-                showlegend=False,
-                name=f"{label} (range)",
-            )
-        fig.add_scatter(x=steps, y=values.mean(1), mode="lines", name=label)
+        add_mean_band(fig, np.arange(len(values)).tolist(), values, label)
     fig.update_layout(title=title, xaxis_title="update", yaxis_title="‖injected‖")
     return fig

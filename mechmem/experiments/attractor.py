@@ -48,6 +48,7 @@ from mechmem.experiments.base import headline, write_outputs
 from mechmem.experiments.story_qa import is_correct, story_items
 from mechmem.methods.attractor import Attractor, AttractorTraces
 from mechmem.plots import (
+    add_mean_band,
     attractor_events_figure,
     attractor_injection_figure,
     attractor_strength_figure,
@@ -608,89 +609,57 @@ def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
     out: dict[str, go.Figure] = {}
     if "perplexity" in results:
         arms = results["perplexity"]["arms"]
-        names = list(arms)
-        values = [arms[n]["change_pct"] for n in names]
-        fig = go.Figure(
-            go.Bar(
-                x=names,
-                y=values,
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [arms[n]["interval_pct"][1] - v for n, v in zip(names, values)],
-                    "arrayminus": [v - arms[n]["interval_pct"][0] for n, v in zip(names, values)],
-                },
-            )
+        out["perplexity"] = _interval_bars(
+            {arm: (a["change_pct"], *a["interval_pct"]) for arm, a in arms.items()},
+            "Perplexity change against no attractor (95% interval over windows)",
+            "change, %",
         )
-        fig.update_layout(
-            title="Perplexity change against no attractor (95% interval over windows)",
-            yaxis_title="change, %",
-        )
-        out["perplexity"] = fig
     if "overhead" in results:
-        r = results["overhead"]
-        names = list(r["ratio"])
-        fig = go.Figure(
-            go.Bar(
-                x=names,
-                y=[float(np.median(r["tokens_per_s"][n])) for n in names],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [
-                        max(r["tokens_per_s"][n]) - np.median(r["tokens_per_s"][n]) for n in names
-                    ],
-                    "arrayminus": [
-                        np.median(r["tokens_per_s"][n]) - min(r["tokens_per_s"][n]) for n in names
-                    ],
-                },
-            )
+        speeds = results["overhead"]["tokens_per_s"]
+        out["overhead"] = _interval_bars(
+            {arm: (float(np.median(v)), min(v), max(v)) for arm, v in speeds.items()},
+            "Greedy tokens/s, batch 1 (median, min-max)",
+            "tokens/s",
         )
-        fig.update_layout(
-            title="Greedy tokens/s, batch 1 (median, min-max)", yaxis_title="tokens/s"
-        )
-        out["overhead"] = fig
     if "generation" in results:
         out.update(_generation_figures(results["generation"], results["config"]))
     if "qa" in results:
         r = results["qa"]
-        names = list(r["accuracy"])
-        acc = [r["accuracy"][n] for n in names]
-        fig = go.Figure(
-            go.Bar(
-                x=names,
-                y=acc,
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [r["accuracy_interval"][n][1] - a for n, a in zip(names, acc)],
-                    "arrayminus": [a - r["accuracy_interval"][n][0] for n, a in zip(names, acc)],
-                },
-            )
+        out["qa"] = _interval_bars(
+            {arm: (acc, *r["accuracy_interval"][arm]) for arm, acc in r["accuracy"].items()},
+            f"Story QA exact match, {r['n_items']} items (95% bootstrap interval)",
+            "accuracy",
         )
-        fig.update_layout(
-            title=f"Story QA exact match, {r['n_items']} items (95% bootstrap interval)",
-            yaxis_title="accuracy",
-        )
-        out["qa"] = fig
     return out
+
+
+def _interval_bars(bars: dict[str, tuple[float, float, float]], title: str, axis: str):
+    """One bar per name: ``(value, low, high)`` drawn as the value with an error bar."""
+    names = list(bars)
+    values, lows, highs = (np.array([bars[n][i] for n in names]) for i in range(3))
+    fig = go.Figure(
+        go.Bar(
+            x=names,
+            y=values,
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": highs - values,
+                "arrayminus": values - lows,
+            },
+        )
+    )
+    fig.update_layout(title=title, yaxis_title=axis)
+    return fig
 
 
 def _generation_figures(r: dict[str, Any], config: dict[str, Any]) -> dict[str, go.Figure]:
     window = config["rep_window"]
     fig = go.Figure()
     for arm, runs in r["runs"].items():
-        curves = np.array([run["rep4_curve"] for run in runs])
-        steps = [window * (i + 1) for i in range(curves.shape[1])]
-        fig.add_scatter(
-            x=steps + steps[::-1],
-            y=curves.max(0).tolist() + curves.min(0)[::-1].tolist(),
-            fill="toself",
-            opacity=0.2,
-            line={"width": 0},
-            showlegend=False,
-        )
-        fig.add_scatter(x=steps, y=curves.mean(0), mode="lines+markers", name=arm)
+        curves = np.array([run["rep4_curve"] for run in runs]).T  # [window, run]
+        steps = [window * (i + 1) for i in range(len(curves))]
+        add_mean_band(fig, steps, curves, arm, mode="lines+markers")
     fig.update_layout(
         title=f"rep-4 over the last {window} generated tokens (mean over seeds, min-max band)",
         xaxis_title="generated tokens",
