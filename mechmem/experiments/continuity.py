@@ -405,6 +405,16 @@ def run_protocol(model, config: ContinuityExperimentConfig, progress: bool = Fal
 # -------------------------------------------------------------------------------- results
 
 
+def smallest_p_value(n: int) -> float:
+    """The smallest two-sided p-value a sign-flip test of ``n`` non-zero pairs can give.
+
+    Example:
+        >>> smallest_p_value(4), smallest_p_value(6)
+        (0.125, 0.03125)
+    """
+    return min(1.0, 2.0 / 2**n)
+
+
 def _answer(probe: dict, protocol: dict | None, config) -> str:
     lines = []
     for entry in probe["arms"]:
@@ -442,12 +452,19 @@ def _answer(probe: dict, protocol: dict | None, config) -> str:
         t.get("shift") and t["shift"]["mean"] < 0 and t["shift"]["p_value"] < 0.05
         for t in protocol["tests"]
     )
-    verdict = (
-        "The linked stream made the model hold its stance measurably."
-        if resisted
-        else "No linked arm held its stance measurably better than the observer: the "
-        "behavioural prediction is not supported here, as the original also found."
-    )
+    n_pairs = min(t["n"] for t in protocol["tests"])
+    if resisted:
+        verdict = "A linked stream made the model hold its stance measurably."
+    elif smallest_p_value(n_pairs) >= 0.05:
+        verdict = (
+            f"Inconclusive: {n_pairs} paired conversations cannot give p < 0.05; run more "
+            "topics or seeds."
+        )
+    else:
+        verdict = (
+            "No linked arm held its stance measurably better than the observer: the "
+            "behavioural prediction is not supported here, as the original also found."
+        )
     return f"{text} Stance protocol: " + "; ".join(parts) + f". {verdict}"
 
 
@@ -458,14 +475,20 @@ def _headline(probe: dict, config) -> dict[str, Any]:
         probe["arms"][0],
     )
     kl = entry["kl_forward"]
-    moved = kl["interval"][0] > 0 and entry["kl_p_value"] < 0.05
+    n_prompts = len(kl["per_prompt"])
     size = "smaller than" if kl["interval"][1] < CLAIMED["kl_forward"] else "comparable to"
-    verdict = (
-        f"holds in kind (linkage moves the distribution, KL {size} the claimed 0.76; top-1 "
-        f"changed on {entry['top1_change']:.0%} of prompts)"
-        if moved
-        else "does not hold: linkage 1 does not move the distribution measurably"
-    )
+    if kl["interval"][0] > 0 and entry["kl_p_value"] < 0.05:
+        verdict = (
+            f"holds in kind: linkage moves the distribution, with a KL {size} the claimed "
+            f"0.76 (top-1 changed on {entry['top1_change']:.0%} of prompts)"
+        )
+    elif smallest_p_value(n_prompts) >= 0.05:
+        verdict = (
+            f"inconclusive: {n_prompts} prompts cannot give p < 0.05 in a sign-flip test "
+            f"(mean KL {kl['mean']:.3f})"
+        )
+    else:
+        verdict = "does not hold: linkage 1 does not move the distribution measurably"
     return headline(
         claim="Linkage causally moves next-token distributions: max |Δlogit| 7.21, mean 0.75, "
         "KL 0.76 on Llama-3.1-8B (the original's own notebook: 2.09 / 0.33 / 0.11, top-1 "
