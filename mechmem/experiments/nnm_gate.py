@@ -259,7 +259,8 @@ class NNMGateConfig(Config):
     Attributes:
         data: a QA file (see :func:`load_items`); ``None`` generates fictional facts.
         n_items: questions asked.
-        held_out: generated passages the whitening is fitted on (never the test corpus).
+        held_out: passages the whitening is fitted on, never the test corpus (generated, or
+            other items' passages of ``data``).
         arms: the arms to run.
         retrieval: rag/nnma/text_prefix/inject use the store's top-1 entry for the question
             (``False``: the gold passage).
@@ -295,25 +296,30 @@ class NNMGateConfig(Config):
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
-def _items(config: NNMGateConfig, tokenizer) -> list[dict[str, Any]]:
+def _items(config: NNMGateConfig, tokenizer) -> tuple[list[dict[str, Any]], list[str]]:
+    """The test items and the held-out passages the whitening is fitted on (never a test one):
+    generated with another seed, or, for real data, passages of other items of the file."""
     if config.data is None:
         items = fictional_items(config.n_items, config.seed)
-    else:
-        items = load_items(config.data, None, config.seed)
-        random.Random(config.seed).shuffle(items)
-    fitting = [
-        i for i in items if len(tokenizer(i["context"]).input_ids) <= config.max_context_tokens
-    ]
-    if len(fitting) < 2:
-        raise ValueError("data: fewer than 2 items have passages within max_context_tokens")
-    return fitting[: config.n_items]
-
-
-def _held_out(config: NNMGateConfig, items) -> list[str]:
-    """Passages for the whitening fit: generated with another seed, none of the test corpus."""
-    test = {item["context"] for item in items}
-    extra = fictional_items(config.held_out, seed=config.seed + 1_000_003)
-    return [item["context"] for item in extra if item["context"] not in test]
+        test = {item["context"] for item in items}
+        extra = fictional_items(config.held_out, seed=config.seed + 1_000_003)
+        return items, [item["context"] for item in extra if item["context"] not in test]
+    rows = load_items(config.data, None, config.seed)
+    random.Random(config.seed).shuffle(rows)
+    items: list[dict[str, Any]] = []
+    held_out: list[str] = []
+    for row in rows:
+        if len(items) == config.n_items and len(held_out) == config.held_out:
+            break
+        if len(tokenizer(row["context"]).input_ids) > config.max_context_tokens:
+            continue
+        if len(items) < config.n_items:
+            items.append(row)
+        elif row["context"] not in {item["context"] for item in items} | set(held_out):
+            held_out.append(row["context"])
+    if len(items) < 2 or len(held_out) < 2:
+        raise ValueError("data: too few items have passages within max_context_tokens")
+    return items, held_out
 
 
 def _suffix_ids(tokenizer, question: str) -> list[int]:
@@ -334,7 +340,7 @@ def run_nnm_gate(
     """
     config = config or NNMGateConfig()
     tokenizer = hf_tokenizer(model)
-    items = _items(config, tokenizer)
+    items, held_out = _items(config, tokenizer)
     with tempfile.TemporaryDirectory(prefix="mechmem-gate-") as folder:
         store = MemoryStore(
             model,
@@ -343,13 +349,13 @@ def run_nnm_gate(
             injection_layer=config.injection_layer,
         )
         try:
-            return _run(model, config, items, store, tokenizer, out, progress)
+            return _run(model, config, items, held_out, store, tokenizer, out, progress)
         finally:
             store.close()
 
 
-def _run(model, config, items, store, tokenizer, out, progress) -> dict[str, Any]:
-    transform = store.fit_transform(_held_out(config, items))
+def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dict[str, Any]:
+    transform = store.fit_transform(held_out)
     sources = {f"item-{i}": item["context"] for i, item in enumerate(items)}
     store.ingest(sources, prefixes=True, progress=progress)
     gold = [store.entry_id(f"item-{i}") for i in range(len(items))]

@@ -119,3 +119,16 @@ def test_gate_and_needle_run_end_to_end_on_a_tiny_model(tiny, tmp_path):
     check_results(needle)
     assert [c["rag"] for c in needle["cells"]] == [c["nnma"] for c in needle["cells"]]
     assert (tmp_path / "needle_grid_rag.html").is_file()
+
+
+def test_real_data_holds_out_other_passages_for_the_whitening(tiny, tmp_path):
+    from mechmem.experiments.nnm_gate import _items
+
+    rows = [{"context": f"Passage {i}.", "question": f"q{i}", "answer": "a"} for i in range(12)]
+    rows.append({"context": "x" * 500, "question": "long", "answer": "a"})
+    (tmp_path / "qa.json").write_text(json.dumps(rows))
+    config = NNMGateConfig(data=str(tmp_path / "qa.json"), n_items=4, held_out=5)
+    items, held_out = _items(config, hf_tokenizer(tiny("llama")))
+    assert len(items) == 4 and len(held_out) == 5
+    assert not {item["context"] for item in items} & set(held_out)
+    assert "x" * 500 not in held_out  # over max_context_tokens
