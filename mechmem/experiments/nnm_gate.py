@@ -16,7 +16,7 @@ questions, greedy, stopping at a newline:
 - ``random``: another entry's stored KV prefix (seeded draw), continued with the question;
 - ``inject``: the question alone, with the retrieved entry's stored ``injection`` vectors (their
   mean, read back from Qdrant) added to the residual at the injection layer
-  (:class:`ResidualInjection`, ``inject_gain``).
+  (:class:`ResidualInjection`), one arm ``inject@g`` per gain g of ``inject_gains``.
 
 Retrieval is the store's token-level search with the question (top-1 entry), so the loop is
 store → search → inject; ``retrieval=False`` uses the gold passage instead. The whitening is
@@ -63,8 +63,7 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("rag", "cold"),
     ("nnma", "cold"),
     ("random", "cold"),
-    ("inject", "cold"),
-)
+)  # and every inject@g vs cold
 # One worked example fixes the answer's form (a bare word or number) for small instruct models.
 QUESTION_PROMPT = "\nQuestion: What is two plus two?\nAnswer: four\nQuestion: {question}\nAnswer:"
 
@@ -264,7 +263,7 @@ class NNMGateConfig(Config):
         arms: the arms to run.
         retrieval: rag/nnma/text_prefix/inject use the store's top-1 entry for the question
             (``False``: the gold passage).
-        inject_gain: gain of the residual injection.
+        inject_gains: gains of the residual injection, one arm each.
         injection_layer, retrieval_layer: the store's layers (``None``: its defaults).
         max_new_tokens: answer length.
         max_context_tokens: passages longer than this are skipped (real data).
@@ -277,7 +276,7 @@ class NNMGateConfig(Config):
     held_out: int = 120
     arms: list[Arm] = field(default_factory=lambda: list(ARMS))
     retrieval: bool = True
-    inject_gain: float = 1.0
+    inject_gains: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])
     injection_layer: int | None = None
     retrieval_layer: int | None = None
     max_new_tokens: int = 12
@@ -290,7 +289,8 @@ class NNMGateConfig(Config):
         require(self.held_out >= 2, "held_out", "must be >= 2", self.held_out)
         require(len(self.arms) >= 1, "arms", f"name at least one of {ARMS}")
         require(len(set(self.arms)) == len(self.arms), "arms", "must not repeat", self.arms)
-        require(self.inject_gain >= 0, "inject_gain", "must be >= 0", self.inject_gain)
+        require(len(self.inject_gains) >= 1, "inject_gains", "need at least one gain")
+        require(all(g > 0 for g in self.inject_gains), "inject_gains", "must be > 0")
         require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         require(self.max_context_tokens >= 8, "max_context_tokens", "must be >= 8")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -320,6 +320,23 @@ def _items(config: NNMGateConfig, tokenizer) -> tuple[list[dict[str, Any]], list
     if len(items) < 2 or len(held_out) < 2:
         raise ValueError("data: too few items have passages within max_context_tokens")
     return items, held_out
+
+
+def arm_labels(config: NNMGateConfig) -> list[str]:
+    """The result's arms: ``config.arms`` with ``inject`` expanded to ``inject@g`` per gain.
+
+    Example:
+        >>> arm_labels(NNMGateConfig(arms=["cold", "inject"], inject_gains=[0.5, 2.0]))
+        ['cold', 'inject@0.5', 'inject@2']
+    """
+    labels = []
+    for arm in config.arms:
+        labels += [f"inject@{g:g}" for g in config.inject_gains] if arm == "inject" else [arm]
+    return labels
+
+
+def _gain(label: str) -> float:
+    return float(label.split("@")[1]) if label.startswith("inject@") else 0.0
 
 
 def _suffix_ids(tokenizer, question: str) -> list[int]:
@@ -372,7 +389,7 @@ def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dic
     suffixes = [_suffix_ids(tokenizer, item["question"]) for item in items]
 
     answers: dict[str, list[str]] = {}
-    text_arms = [a for a in config.arms if a not in PREFIX_ARMS]
+    text_arms = [a for a in arm_labels(config) if a not in PREFIX_ARMS]
     rows, row_arms = [], []
     for arm in text_arms:
         for i, item in enumerate(items):
@@ -386,7 +403,7 @@ def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dic
             row_arms.append((arm, i))
     vectors = (
         {e: store.injection_vectors(e).mean(0) for e in set(chosen)}
-        if "inject" in text_arms
+        if "inject" in config.arms
         else {}
     )
     outputs: list[str] = []
@@ -397,9 +414,9 @@ def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dic
         if vectors:
             d = int(model.cfg.d_model)
             table = torch.stack(
-                [vectors[chosen[i]] if arm == "inject" else torch.zeros(d) for arm, i in arms_here]
+                [vectors[chosen[i]] if _gain(arm) else torch.zeros(d) for arm, i in arms_here]
             )
-            gains = [config.inject_gain if arm == "inject" else 0.0 for arm, _ in arms_here]
+            gains = [_gain(arm) for arm, _ in arms_here]
             interventions = [ResidualInjection.of(store.injection_layer, table, row_gains=gains)]
         result = generate(
             model, batch, interventions, max_new_tokens=config.max_new_tokens, stop_strings=["\n"]
@@ -424,13 +441,14 @@ def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dic
 
 
 def _results(model, config, items, answers, gold, chosen, randoms, transform, out):
+    labels = arm_labels(config)
     correct = {
         arm: [exact_match(a, item["answer"]) for a, item in zip(answers[arm], items)]
-        for arm in config.arms
+        for arm in labels
     }
     contains = {
         arm: [contains_answer(a, item["answer"]) for a, item in zip(answers[arm], items)]
-        for arm in config.arms
+        for arm in labels
     }
     arms = {
         arm: {
@@ -438,17 +456,18 @@ def _results(model, config, items, answers, gold, chosen, randoms, transform, ou
             "em_interval": bootstrap_interval([float(c) for c in correct[arm]]),
             "contains": sum(contains[arm]) / len(items),
         }
-        for arm in config.arms
+        for arm in labels
     }
     keys = [(item["context"], item["question"]) for item in items]
-    tests = mcnemar_pairs(correct, keys, COMPARISONS)
+    injected = [(arm, "cold") for arm in labels if _gain(arm)]
+    tests = mcnemar_pairs(correct, keys, list(COMPARISONS) + injected)
     retrieval_hits = sum(c == g for c, g in zip(chosen, gold))
     per_item = [
         {
             "question": item["question"],
             "answer": item["answer"],
             "retrieved_gold": chosen[i] == gold[i],
-            **{arm: answers[arm][i] for arm in config.arms},
+            **{arm: answers[arm][i] for arm in labels},
         }
         for i, item in enumerate(items)
     ]

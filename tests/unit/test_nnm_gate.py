@@ -106,11 +106,13 @@ def test_needle_cells_fit_the_window_and_say_what_was_dropped(tiny):
 
 def test_gate_and_needle_run_end_to_end_on_a_tiny_model(tiny, tmp_path):
     model = tiny("llama")
-    gate = run_nnm_gate(
-        model, NNMGateConfig(n_items=3, held_out=6, max_new_tokens=2), out=tmp_path
-    )
+    gate = run_nnm_gate(model, NNMGateConfig(n_items=3, held_out=6, max_new_tokens=2), out=tmp_path)
     check_results(gate)
-    assert set(gate["arms"]) == {"cold", "rag", "nnma", "text_prefix", "random", "inject"}
+    assert set(gate["arms"]) == {"cold", "rag", "nnma", "text_prefix", "random"} | {
+        "inject@0.1",
+        "inject@0.3",
+        "inject@1",
+    }
     assert gate["identical_nnma_text_prefix"] == 1.0
     assert (tmp_path / "nnm-gate.json").is_file() and (tmp_path / "nnm-gate_em.html").is_file()
     needle = run_needle(
