@@ -150,3 +150,5 @@ def test_plain_text_needs_no_prompt_but_kv_embedding_does(tiny):
     with pytest.raises(ValueError, match="compression prompt"):
         encode(tiny("llama"), TEXTS, role=None, layers=[1])
     assert encode(tiny("llama"), TEXTS, role=None).kv is None
+    with pytest.raises(ValueError, match="layers"):
+        encode(tiny("llama"), TEXTS, layers=1)

@@ -138,7 +138,8 @@ def encode(
         >>> out.kv.shape, out.mean.shape                        # doctest: +SKIP
         (torch.Size([2, 64]), torch.Size([2, 64]))
     """
-    layer_sets = [layers] if len(layers) else []
+    no_layers = isinstance(layers, (list, tuple, range)) and len(layers) == 0
+    layer_sets = [] if no_layers else [layers]  # anything else is checked as a layer list
     kvs, encodings = encode_layer_sets(
         model,
         texts,
