@@ -41,14 +41,17 @@ import plotly.graph_objects as go
 from mechmem.core.config import Config, require
 from mechmem.core.engine import generate
 from mechmem.core.tokens import hf_tokenizer
-from mechmem.experiments.base import headline, write_outputs
+from mechmem.experiments.base import write_outputs
 from mechmem.experiments.nnm_gate import (
     QUESTION_PROMPT,
+    arm_bars,
     contains_answer,
     exact_match,
     first_line,
     invented_word,
     mcnemar_pairs,
+    mcnemar_sentences,
+    nnma_headline,
 )
 from mechmem.methods.nnm.inject import PassageKV
 from mechmem.methods.nnm.store import progress_bar
@@ -340,48 +343,22 @@ def _answer(results: dict[str, Any]) -> str:
         f"{results['n_cells']} needles; {results['truncation']}.",
         "Needle recall: " + ", ".join(f"{a} {v['recall']:.2f}" for a, v in arms.items()) + ".",
     ]
-    for t in results["tests"]:
-        parts.append(
-            f"{t['arm']} vs {t['control']}: {t['only_arm']} cells only {t['arm']} recalled, "
-            f"{t['only_control']} only {t['control']} (McNemar p = {t['p_value']:.3g})."
-        )
-    return " ".join(parts)
+    return " ".join(parts + mcnemar_sentences(results["tests"], "cells", "recalled"))
 
 
 def _headline(results: dict[str, Any]) -> dict[str, Any]:
-    test = next((t for t in results["tests"] if (t["arm"], t["control"]) == ("nnma", "rag")), None)
-    claim = (
-        "A stored KV prefix recalls the needle better than the text: recall 1.00 vs rag 0.86 "
-        "over 50 articles (all rag misses were prompts cut at 2,048 tokens)"
-    )
-    setup = (
-        "Needle at each depth of each haystack length; rag (text) vs nnma (stored pre-RoPE KV "
-        "prefix of the same document) vs cold; the question is never truncated"
-    )
-    if test is None:
-        return headline(
-            claim=claim,
-            setup=setup,
-            metric="recall(nnma) - recall(rag)",
-            value=None,
-            interval=None,
-            p_value=None,
-            verdict="inconclusive: nnma or rag not run",
-        )
-    if test["only_arm"] + test["only_control"] == 0:
-        verdict = "does not hold: with the question kept, nnma and rag recall the same needles"
-    elif test["p_value"] < 0.05:
-        verdict = f"{'holds' if test['difference'] > 0 else 'does not hold'}: McNemar p < 0.05"
-    else:
-        verdict = "does not hold: no significant difference between nnma and rag"
-    return headline(
-        claim=claim,
-        setup=setup,
+    return nnma_headline(
+        results["tests"],
+        claim=(
+            "A stored KV prefix recalls the needle better than the text: recall 1.00 vs rag 0.86 "
+            "over 50 articles (all rag misses were prompts cut at 2,048 tokens)"
+        ),
+        setup=(
+            "Needle at each depth of each haystack length; rag (text) vs nnma (stored pre-RoPE "
+            "KV prefix of the same document) vs cold; the question is never truncated"
+        ),
         metric="recall(nnma) - recall(rag), paired over cells",
-        value=test["difference"],
-        interval=tuple(test["interval"]),
-        p_value=test["p_value"],
-        verdict=verdict,
+        same="with the question kept, nnma and rag recall the same needles",
     )
 
 
@@ -406,24 +383,7 @@ def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
             yaxis_title="haystack tokens (requested)",
         )
         out[f"grid_{arm}"] = fig
-    arms = results["arms"]
-    names = list(arms)
-    bars = go.Figure(
-        go.Bar(
-            x=names,
-            y=[arms[a]["recall"] for a in names],
-            error_y={
-                "type": "data",
-                "symmetric": False,
-                "array": [arms[a]["recall_interval"][1] - arms[a]["recall"] for a in names],
-                "arrayminus": [arms[a]["recall"] - arms[a]["recall_interval"][0] for a in names],
-            },
-        )
-    )
-    bars.update_layout(
-        title=f"Needle recall over {results['n_cells']} cells (95% bootstrap)",
-        yaxis_range=[0, 1],
-        yaxis_title="recall",
-    )
+    title = f"Needle recall over {results['n_cells']} cells (95% bootstrap)"
+    bars = arm_bars(results["arms"], "recall", title)
     out["recall"] = bars
     return out

@@ -148,6 +148,21 @@ def mcnemar_pairs(
     return tests
 
 
+def mcnemar_sentences(tests: Sequence[dict], unit: str, verb: str) -> list[str]:
+    """One sentence per test of :func:`mcnemar_pairs`.
+
+    Example:
+        >>> test = {"arm": "a", "control": "b", "only_arm": 3, "only_control": 0, "p_value": 0.25}
+        >>> mcnemar_sentences([test], "items", "got right")[0]
+        'a vs b: 3 items only a got right, 0 only b (McNemar p = 0.25).'
+    """
+    return [
+        f"{t['arm']} vs {t['control']}: {t['only_arm']} {unit} only {t['arm']} {verb}, "
+        f"{t['only_control']} only {t['control']} (McNemar p = {t['p_value']:.3g})."
+        for t in tests
+    ]
+
+
 # -- data ----------------------------------------------------------------------------------
 _SYLLABLES = [
     "ka",
@@ -507,11 +522,7 @@ def _answer(results: dict[str, Any]) -> str:
         f"{results['retrieval_top1']:.0%} of them.",
         "Exact match: " + ", ".join(f"{a} {v['em']:.2f}" for a, v in arms.items()) + ".",
     ]
-    for t in results["tests"]:
-        parts.append(
-            f"{t['arm']} vs {t['control']}: {t['only_arm']} items only {t['arm']} got right, "
-            f"{t['only_control']} only {t['control']} (McNemar p = {t['p_value']:.3g})."
-        )
+    parts += mcnemar_sentences(results["tests"], "items", "got right")
     same = results["identical_nnma_text_prefix"]
     if same is not None:
         parts.append(
@@ -522,28 +533,40 @@ def _answer(results: dict[str, Any]) -> str:
 
 
 def _headline(results: dict[str, Any]) -> dict[str, Any]:
-    test = _test(results, "nnma", "rag")
-    claim = (
-        "A passage's KV cache used as a prefix (nnma) answers better than the passage as text: "
-        "EM 0.76 vs rag 0.72, cold 0.52, random 0.50 (TriviaQA, Qwen2.5-7B, 100 questions)"
+    return nnma_headline(
+        results["tests"],
+        claim=(
+            "A passage's KV cache used as a prefix (nnma) answers better than the passage as "
+            "text: EM 0.76 vs rag 0.72, cold 0.52, random 0.50 (TriviaQA, Qwen2.5-7B, 100 "
+            "questions)"
+        ),
+        setup=(
+            "Same questions, greedy; arms cold, rag (text), nnma (stored pre-RoPE KV prefix of "
+            "the retrieved entry), text_prefix (the same tokens as text), random memory, "
+            "residual injection; fictional facts unless data= is given"
+        ),
+        metric="EM(nnma) - EM(rag), paired over unique questions",
+        same="nnma and rag are right on exactly the same questions",
     )
-    setup = (
-        "Same questions, greedy; arms cold, rag (text), nnma (stored pre-RoPE KV prefix of the "
-        "retrieved entry), text_prefix (the same tokens as text), random memory, residual "
-        "injection; fictional facts unless data= is given"
-    )
+
+
+def nnma_headline(tests, *, claim: str, setup: str, metric: str, same: str) -> dict[str, Any]:
+    """The headline of the nnma-vs-rag McNemar test in ``tests`` (``same``: the verdict's words
+    when no item is discordant)."""
+    test = next((t for t in tests if (t["arm"], t["control"]) == ("nnma", "rag")), None)
     if test is None:
+        verdict = "inconclusive: nnma or rag not run"
         return headline(
             claim=claim,
             setup=setup,
-            metric="EM(nnma) - EM(rag)",
+            metric=metric,
             value=None,
             interval=None,
             p_value=None,
-            verdict="inconclusive: nnma or rag not run",
+            verdict=verdict,
         )
     if test["only_arm"] + test["only_control"] == 0:
-        verdict = "does not hold: nnma and rag are right on exactly the same questions"
+        verdict = f"does not hold: {same}"
     elif test["p_value"] < 0.05 and test["difference"] > 0:
         verdict = "holds: nnma beats rag (McNemar p < 0.05)"
     elif test["p_value"] < 0.05:
@@ -553,7 +576,7 @@ def _headline(results: dict[str, Any]) -> dict[str, Any]:
     return headline(
         claim=claim,
         setup=setup,
-        metric="EM(nnma) - EM(rag), paired over unique questions",
+        metric=metric,
         value=test["difference"],
         interval=tuple(test["interval"]),
         p_value=test["p_value"],
@@ -561,27 +584,27 @@ def _headline(results: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
-    """Exact match per arm with a 95% bootstrap interval over questions."""
-    arms = results["arms"]
+def arm_bars(arms: dict[str, dict], key: str, title: str) -> go.Figure:
+    """``arms[a][key]`` per arm with its ``{key}_interval`` as error bars, on [0, 1]."""
     names = list(arms)
-    em = [arms[a]["em"] for a in names]
+    values = [arms[a][key] for a in names]
     fig = go.Figure(
         go.Bar(
             x=names,
-            y=em,
+            y=values,
             error_y={
                 "type": "data",
                 "symmetric": False,
-                "array": [arms[a]["em_interval"][1] - arms[a]["em"] for a in names],
-                "arrayminus": [arms[a]["em"] - arms[a]["em_interval"][0] for a in names],
+                "array": [arms[a][f"{key}_interval"][1] - v for a, v in zip(names, values)],
+                "arrayminus": [v - arms[a][f"{key}_interval"][0] for a, v in zip(names, values)],
             },
         )
     )
-    fig.update_layout(
-        title=f"NNM gate: exact match over {results['n_items']} questions (95% bootstrap)",
-        xaxis_title="arm",
-        yaxis_title="exact match",
-        yaxis_range=[0, 1],
-    )
-    return {"em": fig}
+    fig.update_layout(title=title, xaxis_title="arm", yaxis_title=key, yaxis_range=[0, 1])
+    return fig
+
+
+def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
+    """Exact match per arm with a 95% bootstrap interval over questions."""
+    title = f"NNM gate: exact match over {results['n_items']} questions (95% bootstrap)"
+    return {"em": arm_bars(results["arms"], "em", title)}
