@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -305,17 +306,20 @@ def add_mean_band(
         >>> add_mean_band(go.Figure(), [0, 1], np.array([[1.0, 2.0], [3.0, 5.0]]), "arm")
     """
     x = list(x)
+    lines = sum(1 for trace in fig.data if trace.fill != "toself")
+    colour = plotly.colors.qualitative.Plotly[lines % len(plotly.colors.qualitative.Plotly)]
     if values.shape[1] > 1:
         fig.add_scatter(
             x=x + x[::-1],
             y=values.max(1).tolist() + values.min(1)[::-1].tolist(),
             fill="toself",
+            fillcolor=colour,
             opacity=0.2,
             line={"width": 0},
             showlegend=False,
             name=f"{name} (range)",
         )
-    fig.add_scatter(x=x, y=values.mean(1), mode=mode, name=name)
+    fig.add_scatter(x=x, y=values.mean(1), mode=mode, name=name, line={"color": colour})
 
 
 def attractor_injection_figure(
