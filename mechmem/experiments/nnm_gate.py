@@ -51,7 +51,7 @@ from mechmem.core.engine import generate
 from mechmem.core.tokens import hf_tokenizer
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.nnm.inject import ResidualInjection
-from mechmem.methods.nnm.store import MemoryStore, progress_bar
+from mechmem.methods.nnm.store import MemoryStore, progress_bar, source_id_of
 from mechmem.stats import bootstrap_interval, mcnemar_exact
 
 Arm = Literal["cold", "rag", "nnma", "text_prefix", "random", "inject"]
@@ -373,6 +373,8 @@ def run_nnm_gate(
     config = config or NNMGateConfig()
     tokenizer = hf_tokenizer(model)
     items, held_out = _items(config, tokenizer)
+    if "random" in config.arms and len({item["context"] for item in items}) < 3:
+        raise ValueError("arms: 'random' needs at least 3 distinct passages among the items")
     with tempfile.TemporaryDirectory(prefix="mechmem-gate-") as folder:
         store = MemoryStore(
             model,
@@ -388,17 +390,19 @@ def run_nnm_gate(
 
 def _run(model, config, items, held_out, store, tokenizer, out, progress) -> dict[str, Any]:
     transform = store.fit_transform(held_out)
-    sources = {f"item-{i}": item["context"] for i, item in enumerate(items)}
+    # one entry per distinct passage (real QA sets ask several questions about one passage)
+    sources = {source_id_of(item["context"]): item["context"] for item in items}
     store.ingest(sources, prefixes=True, progress=progress)
-    gold = [store.entry_id(f"item-{i}") for i in range(len(items))]
+    gold = [store.entry_id(source_id_of(item["context"])) for item in items]
     if config.retrieval:
         found = store.search_many([item["question"] for item in items], k=1)
         chosen = [hits[0].entry_id if hits else gold[i] for i, hits in enumerate(found)]
     else:
         chosen = list(gold)
     rng = random.Random(config.seed)
+    entries = sorted(set(gold))
     randoms = [
-        rng.choice([e for e in gold if e not in (gold[i], chosen[i])]) for i in range(len(items))
+        rng.choice([e for e in entries if e not in (gold[i], chosen[i])]) for i in range(len(items))
     ]
     texts = {entry: store.entry_text(entry) for entry in set(chosen)}
     suffixes = [_suffix_ids(tokenizer, item["question"]) for item in items]
