@@ -206,14 +206,20 @@ def _probe_inputs(model, config: ContinuityExperimentConfig) -> list:
     ]
 
 
+def _mean_interval(values) -> dict[str, Any]:
+    """Mean and 95% bootstrap interval (a single value is its own interval)."""
+    values = np.asarray(values, dtype=float)
+    interval = bootstrap_interval(values) if len(values) > 1 else [float(values[0])] * 2
+    return {"mean": float(values.mean()), "interval": interval}
+
+
 def _summary(result: LogitDeltaResult, n_permutations: int) -> dict[str, Any]:
     """Per-prompt metrics with their means, 95% intervals and a test against the observer."""
     entry: dict[str, Any] = {}
     for name in METRICS:
         values = getattr(result, name).astype(float)
         entry[name] = {
-            "mean": float(values.mean()),
-            "interval": bootstrap_interval(values),
+            **_mean_interval(values),
             "max": float(values.max()),
             "per_prompt": values.tolist(),
         }
@@ -265,7 +271,7 @@ def run_probe(model, config: ContinuityExperimentConfig, progress: bool = False)
     bar.update(1)
     bar.close()
     by_layer = [
-        {"layer": layer, **{name: _interval(getattr(r, name)) for name in METRICS}}
+        {"layer": layer, **{name: _mean_interval(getattr(r, name)) for name in METRICS}}
         for layer, r in zip(sweep.layers, sweep.results)
     ]
     return {
@@ -278,11 +284,6 @@ def run_probe(model, config: ContinuityExperimentConfig, progress: bool = False)
             "layers": by_layer,
         },
     }
-
-
-def _interval(values: np.ndarray) -> dict[str, Any]:
-    values = np.asarray(values, dtype=float)
-    return {"mean": float(values.mean()), "interval": bootstrap_interval(values)}
 
 
 # ------------------------------------------------------------------------- stance protocol
@@ -538,13 +539,13 @@ def run_continuity(
 # -------------------------------------------------------------------------------- figures
 
 
-def _error(entry: dict) -> dict[str, Any]:
-    low, high = entry["interval"]
+def _error_bars(entries: list[dict]) -> dict[str, Any]:
+    """Plotly ``error_y`` of entries holding a ``mean`` and an ``interval``."""
     return {
         "type": "data",
         "symmetric": False,
-        "array": [high - entry["mean"]],
-        "arrayminus": [entry["mean"] - low],
+        "array": [e["interval"][1] - e["mean"] for e in entries],
+        "arrayminus": [e["mean"] - e["interval"][0] for e in entries],
     }
 
 
@@ -560,12 +561,7 @@ def probe_figure(results: dict[str, Any]) -> go.Figure:
                 go.Scatter(
                     x=[e["gain"] for e in arms],
                     y=[e[name]["mean"] for e in arms],
-                    error_y={
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [e[name]["interval"][1] - e[name]["mean"] for e in arms],
-                        "arrayminus": [e[name]["mean"] - e[name]["interval"][0] for e in arms],
-                    },
+                    error_y=_error_bars([e[name] for e in arms]),
                     mode="markers+lines",
                     name=variant,
                     legendgroup=variant,
@@ -596,12 +592,7 @@ def layers_figure(results: dict[str, Any]) -> go.Figure:
             go.Bar(
                 x=[r["layer"] for r in rows],
                 y=[r[name]["mean"] for r in rows],
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [r[name]["interval"][1] - r[name]["mean"] for r in rows],
-                    "arrayminus": [r[name]["mean"] - r[name]["interval"][0] for r in rows],
-                },
+                error_y=_error_bars([r[name] for r in rows]),
                 marker_color=["crimson" if r["layer"] in targets else "steelblue" for r in rows],
                 showlegend=False,
             ),
@@ -633,18 +624,12 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
     for arm in arms:
         mine = [c for c in conversations if c["arm"] == arm]
         stances = np.array([c["stance"] for c in mine])
-        means = stances.mean(0)
-        bands = [_safe_interval(stances[:, t]) for t in range(stances.shape[1])]
+        turns = [_mean_interval(stances[:, t]) for t in range(stances.shape[1])]
         figure.add_trace(
             go.Scatter(
-                x=list(range(1, len(means) + 1)),
-                y=means.tolist(),
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [hi - m for (lo, hi), m in zip(bands, means)],
-                    "arrayminus": [m - lo for (lo, hi), m in zip(bands, means)],
-                },
+                x=list(range(1, len(turns) + 1)),
+                y=[t["mean"] for t in turns],
+                error_y=_error_bars(turns),
                 mode="lines+markers",
                 name=arm,
                 legendgroup=arm,
@@ -655,12 +640,12 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
         for column, metric in ((2, "overlap"), (3, "perplexity")):
             values = [c[metric] for c in mine if c[metric] is not None]
             if values:
-                entry = {"mean": float(np.mean(values)), "interval": _safe_interval(values)}
+                entry = _mean_interval(values)
                 figure.add_trace(
                     go.Bar(
                         x=[arm],
                         y=[entry["mean"]],
-                        error_y=_error(entry),
+                        error_y=_error_bars([entry]),
                         name=arm,
                         legendgroup=arm,
                         showlegend=False,
@@ -671,11 +656,6 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
     figure.update_xaxes(title_text="turn", row=1, col=1)
     figure.update_layout(title="Stance-revision protocol, linked arms vs the observer")
     return figure
-
-
-def _safe_interval(values) -> list[float]:
-    values = np.asarray(values, dtype=float)
-    return bootstrap_interval(values) if len(values) > 1 else [float(values[0])] * 2
 
 
 def figures(results: dict[str, Any]) -> dict[str, go.Figure]:
