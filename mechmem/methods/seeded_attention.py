@@ -213,7 +213,7 @@ def apply_rotary(
     Example:
         >>> x = torch.tensor([[[[1.0, 0.0]]]])
         >>> apply_rotary(x, torch.zeros(1, 1, 1, 2), torch.ones(1, 1, 1, 2)).tolist()
-        [[[[-0.0, 1.0]]]]
+        [[[[0.0, 1.0]]]]
     """
     r = cos.shape[-1]
     rotated, rest = states[..., :r], states[..., r:]
