@@ -519,7 +519,7 @@ def _answer(results: dict[str, Any], config: AttractorExperimentConfig) -> str:
             same = " (bit-identical: never left burn-in)" if a["bit_identical"] else ""
             parts.append(
                 f"{arm} {a['change_pct']:+.3f}% [{a['interval_pct'][0]:+.3f}, "
-                f"{a['interval_pct'][1]:+.3f}], p = {a['p_value']:.3g}, injecting at "
+                f"{a['interval_pct'][1]:+.3f}], {_p(a['p_value'], config)}, injecting at "
                 f"{100 * a['injecting_share']:.0f}% of its updates{same};"
             )
     if "overhead" in results:
@@ -537,7 +537,7 @@ def _answer(results: dict[str, Any], config: AttractorExperimentConfig) -> str:
         for arm, test in r["tests"].items():
             mean = np.mean([run["rep4"] for run in r["runs"][arm]])
             parts.append(
-                f"{arm} {mean:.3f} (difference {test['mean']:+.3f}, p = {test['p_value']:.3g}, "
+                f"{arm} {mean:.3f} (difference {test['mean']:+.3f}, {_p(test['p_value'], config)}, "
                 f"{test['n']} runs);"
             )
     if "qa" in results:
@@ -559,6 +559,11 @@ def _answer(results: dict[str, Any], config: AttractorExperimentConfig) -> str:
                 )
             )
     return " ".join(parts)
+
+
+def _p(p_value: float, config: AttractorExperimentConfig) -> str:
+    """A p-value as text; a Monte Carlo 0 (no sign pattern as extreme) is a bound, not a 0."""
+    return f"p < {1 / config.n_permutations:.0e}" if p_value == 0 else f"p = {p_value:.3g}"
 
 
 def _headline(results: dict[str, Any], config: AttractorExperimentConfig) -> dict[str, Any]:
