@@ -237,6 +237,7 @@ class MemoryStore:
                 )
         self.context_prompt = stored["context_prompt"]
         self.query_prompt = stored["query_prompt"]
+        self.quantize = info.config.quantization_config is not None
 
     @property
     def transform_path(self) -> Path | None:
