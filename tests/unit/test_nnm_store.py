@@ -179,3 +179,11 @@ def test_memory_cli_refuses_bad_input_before_loading_a_model(tmp_path, capsys):
     assert main(["memory", "ingest", str(tmp_path / "m"), str(tmp_path / "missing.txt")]) == 2
     assert "no file at" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_int8_request_is_kept_and_local_mode_says_it_ignores_it(tiny, tmp_path):
+    model = tiny("llama")
+    with pytest.warns(UserWarning, match="ignores quantization"):
+        MemoryStore(model, path=tmp_path / "q", quantize=True).close()
+    with MemoryStore(model, path=tmp_path / "q") as reopened:
+        assert reopened.info()["quantized"] is True
