@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import add_model_args, best_times, model_from_args
+from common import add_model_args, best_times, model_from_args, print_throughput
 
 import mechmem
 from mechmem.methods.attractor import Attractor, preset_layers
@@ -67,16 +67,12 @@ def main() -> None:
 
     clock = time.process_time if args.cpu_time else time.perf_counter
     best = best_times({name: run(make) for name, make in arms.items()}, args.repeats, clock)
-    base = args.batch * args.tokens / best["no intervention"]
     print(
         f"model {model.cfg.architecture}, batch {args.batch}, {args.tokens} tokens, "
         f"device {model.cfg.device}, conservative layers {layers}, "
         f"{'CPU' if args.cpu_time else 'wall'} time"
     )
-    print(f"{'arm':<24} {'tok/s':>8} {'ratio':>7}")
-    for name, seconds in best.items():
-        rate = args.batch * args.tokens / seconds
-        print(f"{name:<24} {rate:8.2f} {rate / base:7.3f}")
+    print_throughput(best, args.batch * args.tokens, "no intervention")
     print("bar: conservative (either order) >= 0.95x the engine without it (original: ~6.5% cost)")
 
 

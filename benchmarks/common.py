@@ -79,3 +79,17 @@ def best_times(
             best[name] = min(best[name], times[-1])
         print(f"round {round_ + 1}/{repeats}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
     return best
+
+
+def print_throughput(best: dict[str, float], rows_tokens: int, baseline: str) -> None:
+    """One line per arm: tokens/s from its best time and the ratio to ``baseline``'s.
+
+    Example:
+        >>> print_throughput({"base": 2.0, "arm": 4.0}, 100, "base")  # doctest: +SKIP
+    """
+    base = rows_tokens / best[baseline]
+    width = max(len(name) for name in best) + 2
+    print(f"{'arm':<{width}} {'tok/s':>8} {'ratio':>7}")
+    for name, seconds in best.items():
+        rate = rows_tokens / seconds
+        print(f"{name:<{width}} {rate:8.2f} {rate / base:7.3f}")
