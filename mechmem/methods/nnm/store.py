@@ -185,6 +185,7 @@ class MemoryStore:
             "injection_layer": self.injection_layer,
             "context_prompt": self.context_prompt,
             "query_prompt": self.query_prompt,
+            "quantized": self.quantize,
         }
 
     def _ensure_collection(self) -> None:
@@ -237,7 +238,7 @@ class MemoryStore:
                 )
         self.context_prompt = stored["context_prompt"]
         self.query_prompt = stored["query_prompt"]
-        self.quantize = info.config.quantization_config is not None
+        self.quantize = bool(stored.get("quantized", False))  # local mode drops Qdrant's own
 
     @property
     def transform_path(self) -> Path | None:
@@ -506,7 +507,6 @@ class MemoryStore:
             **self.meta,
             "points": self.count(),
             "entries": self.count(entries=True),
-            "quantized": self.quantize,
             "transform": None
             if transform is None
             else {
