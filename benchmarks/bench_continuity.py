@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_model_args, best_times, model_from_args
+from common import add_model_args, best_times, model_from_args, print_throughput
 
 import mechmem
 from mechmem.methods.continuity import Continuity
@@ -46,15 +46,11 @@ def main() -> None:
 
     best = best_times({name: run(items) for name, items in arms.items()}, args.repeats)
     layers = Continuity().target_layers(model)
-    base = args.batch * args.tokens / best["no intervention"]
     print(
         f"model {model.cfg.architecture}, batch {args.batch}, {args.tokens} tokens, stream on "
         f"layers {layers}, device {model.cfg.device}"
     )
-    print(f"{'arm':<22} {'tok/s':>8} {'ratio':>7}")
-    for name, seconds in best.items():
-        rate = args.batch * args.tokens / seconds
-        print(f"{name:<22} {rate:8.2f} {rate / base:7.3f}")
+    print_throughput(best, args.batch * args.tokens, "no intervention")
     print("bar: >= 0.8x the engine without it (the original: 2-3x slower)")
 
 
