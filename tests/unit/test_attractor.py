@@ -19,6 +19,7 @@ from mechmem.methods.attractor import (
     AttractorConfig,
     AttractorTraces,
     SlotState,
+    _TraceLog,
     attractor_readout,
     attractor_update,
     o_proj_matrix,
@@ -420,3 +421,22 @@ def test_a_layer_out_of_range_is_refused_before_any_compute(tiny):
         Attractor().traces()
     with pytest.raises(ValueError, match="row_scales"):
         mechmem.generate(model, PROMPTS, [Attractor(row_scales=[1.0])], max_new_tokens=2)
+
+
+def test_trace_log_grows_in_place_and_keeps_batches_of_other_widths_apart():
+    log = _TraceLog()
+    expected = []
+    for step in range(100):  # past the first capacity (64 updates): the buffers double
+        width = 3 if step == 0 else 1  # a prefill of three columns, then one per step
+        entry = torch.full((2, width), step, dtype=torch.long)
+        log.append({"positions": entry, "injected_norm": torch.zeros(2, width)})
+        log.set_last("injected_norm", torch.full((2, width), float(step)))
+        expected.append(entry.T)
+    arrays = log.arrays()
+    np.testing.assert_array_equal(arrays["positions"], torch.cat(expected).numpy())
+    np.testing.assert_array_equal(arrays["injected_norm"], arrays["positions"].astype(np.float32))
+    log.append(
+        {"positions": torch.zeros(3, 1, dtype=torch.long), "injected_norm": torch.zeros(3, 1)}
+    )
+    with pytest.raises(ValueError, match="different widths"):
+        log.arrays()
