@@ -75,7 +75,13 @@ EXPERIMENTS: dict[str, Experiment] = {
         run=run_rdnet,
         figures=rdnet.figures,
         scales={
-            "smoke": {"tokens": 256, "log_every": 64, "window": 256, "window_keep": 64},
+            "smoke": {
+                "tokens": 256,
+                "log_every": 64,
+                "window": 256,
+                "window_keep": 64,
+                "seeds": [0, 1, 2, 3, 4, 5],  # 6 pairs: the smallest exact p is 0.03
+            },
             "default": {"tokens": 2000, "log_every": 250},
             "full": {"tokens": 150_000, "seeds": [0, 1, 2, 3]},
         },
@@ -88,7 +94,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         figures=continuity.figures,
         scales={
             "smoke": {
-                "prompts": continuity.DEFAULT_PROMPTS[:4],
+                "prompts": continuity.DEFAULT_PROMPTS[:6],  # 6 pairs: smallest p 0.03
                 "gains": [0.8],
                 "layer_stride": 10,
                 "topics": 1,
