@@ -2,18 +2,20 @@
 
 Example:
     >>> model_fingerprint(model)  # doctest: +SKIP
-    'LlamaForCausalLM/L30/d576/v49152/3f9c0a1e5b7d'
+    'SmolLM2-135M-Instruct.Q4_1/L30/d576/v49152/a65389317c7b'
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import torch
 
 
 def model_fingerprint(model) -> str:
-    """Architecture name, shape and a hash of the first rows of the embedding matrix.
+    """Model name, shape and a hash of the first rows of the embedding matrix.
 
     Example:
         >>> model_fingerprint(model).startswith("LlamaForCausalLM/")  # doctest: +SKIP
@@ -22,4 +24,15 @@ def model_fingerprint(model) -> str:
     cfg = model.cfg
     rows = model.W_E[:8].detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:12]
-    return f"{cfg.model_name}/L{cfg.n_layers}/d{cfg.d_model}/v{cfg.d_vocab}/{digest}"
+    return f"{model_name(model)}/L{cfg.n_layers}/d{cfg.d_model}/v{cfg.d_vocab}/{digest}"
+
+
+def model_name(model) -> str:
+    """The model's folder or hub name, without its path or mechmem's cache-hash suffix, so a
+    fingerprint does not change when the cache folder moves.
+
+    Example:
+        >>> model_name(load_model())  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1'
+    """
+    return re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.cfg.model_name)).name)

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mechmem.core.fingerprint import model_fingerprint
+from mechmem.core.fingerprint import model_fingerprint, model_name
 from mechmem.experiments import EXPERIMENTS
 from mechmem.experiments.base import SCALES, write_outputs
 from mechmem.report.environment import environment
@@ -143,7 +142,7 @@ def _write_report(
     report = {
         "schema": SCHEMA,
         "model": {
-            "name": display_name(model),
+            "name": model_name(model),
             "fingerprint": model_fingerprint(model),
             "n_layers": int(model.cfg.n_layers),
             "d_model": int(model.cfg.d_model),
@@ -165,16 +164,6 @@ def _write_report(
     _write_atomic(folder / "summary.md", summary_markdown(report))
     _write_atomic(folder / "index.html", render_page(report, figures))
     return report
-
-
-def display_name(model) -> str:
-    """The model's folder or hub name without mechmem's cache hash suffix.
-
-    Example:
-        >>> display_name(load_model())  # doctest: +SKIP
-        'SmolLM2-135M-Instruct.Q4_1'
-    """
-    return re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.cfg.model_name)).name)
 
 
 def _check_writable(folder: Path) -> None:

@@ -477,3 +477,20 @@ def test_a_saved_rdnet_session_continues_its_memory_and_drift(tiny, tmp_path, mo
     loaded = mechmem.Session.load(tmp_path / "rdnet.safetensors", model)
     ahead, behind = original.send(" more", **sampled), loaded.send(" more", **sampled)
     assert torch.equal(ahead.logits, behind.logits)
+
+
+def test_fingerprint_ignores_where_the_cache_folder_lives():
+    from types import SimpleNamespace
+
+    from mechmem.core.fingerprint import model_fingerprint
+
+    def fake(path: str):
+        cfg = SimpleNamespace(model_name=path, n_layers=2, d_model=4, d_vocab=10)
+        return SimpleNamespace(cfg=cfg, W_E=torch.arange(40.0).reshape(10, 4))
+
+    here = model_fingerprint(fake("/root/.cache/mechmem/dequantised/Tiny.Q4_1-0123456789ab"))
+    moved = model_fingerprint(fake("/data/cache/dequantised/Tiny.Q4_1-0123456789ab"))
+    assert here == moved and here.startswith("Tiny.Q4_1/L2/d4/v10/")
+    other = fake("/data/cache/dequantised/Tiny.Q4_1-0123456789ab")
+    other.W_E = other.W_E + 1
+    assert model_fingerprint(other) != here
