@@ -577,9 +577,6 @@ def _headline(results: dict[str, Any], config: AttractorExperimentConfig) -> dic
             claim=claim,
             setup="perplexity part not run",
             metric="none",
-            value=None,
-            interval=None,
-            p_value=None,
             verdict="inconclusive: perplexity part not run",
         )
     a, r = arms[arm], results["perplexity"]

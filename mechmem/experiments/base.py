@@ -69,12 +69,13 @@ def headline(
     claim: str,
     setup: str,
     metric: str,
-    value: float | None,
-    interval: tuple[float, float] | None,
-    p_value: float | None,
     verdict: str,
+    value: float | None = None,
+    interval: tuple[float, float] | None = None,
+    p_value: float | None = None,
 ) -> dict[str, Any]:
-    """The experiment's one number, as a JSON-safe dict (NaN becomes ``None``).
+    """The experiment's one number, as a JSON-safe dict (NaN becomes ``None``); leave out
+    value, interval and p when nothing could be measured.
 
     Example:
         >>> headline(claim="c", setup="s", metric="m", value=float("nan"), interval=None,

@@ -364,9 +364,6 @@ def _headline(comparisons: list[dict], config: DrugsExperimentConfig) -> dict[st
             claim=claim,
             setup=setup,
             metric=metric,
-            value=None,
-            interval=None,
-            p_value=None,
             verdict="inconclusive: no DRµGS arm's variety fell inside the sampling frontier",
         )
     best = min(tested, key=lambda c: c["p_value"] if c["mean"] < 0 else 2 + c["p_value"])

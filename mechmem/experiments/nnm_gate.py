@@ -564,9 +564,6 @@ def nnma_headline(tests, *, claim: str, setup: str, metric: str, same: str) -> d
             claim=claim,
             setup=setup,
             metric=metric,
-            value=None,
-            interval=None,
-            p_value=None,
             verdict=verdict,
         )
     if test["only_arm"] + test["only_control"] == 0:

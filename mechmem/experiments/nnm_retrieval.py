@@ -289,9 +289,6 @@ def _headline(metrics, tests, config, data, layers) -> dict[str, Any]:
             claim=claim,
             setup=setup,
             metric="no hidden-state arm to compare with",
-            value=None,
-            interval=None,
-            p_value=None,
             verdict="inconclusive: nothing compared",
         )
     if test["p_value"] < 0.05:

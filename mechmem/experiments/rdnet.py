@@ -375,9 +375,6 @@ def _headline(tests: list[dict], config: RDNetExperimentConfig) -> dict[str, Any
             claim=claim,
             setup=setup,
             metric="no memory-vs-control pair among the arms",
-            value=None,
-            interval=None,
-            p_value=None,
             verdict="inconclusive: nothing compared",
         )
     test = next((t for t in tests if (t["arm"], t["control"]) == ("faithful", "vanilla")), tests[0])
