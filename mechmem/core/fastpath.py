@@ -17,6 +17,9 @@ and a plain ``register_forward_hook`` all write to:
   module, exactly where TransformerLens fires them;
 - only a rotary attention's q/k/v/o projections hooked (``hook_q``, ``hook_z``, ...): HF attention
   runs with those projection bridges in place;
+- a block whose hooks all sit in children that can serve them on one of the routes above (an
+  attention's ``hook_in`` or ``hook_z``, say): the HF layer runs with those children bridged and
+  every other child unwrapped, between the block's own ``hook_in`` / ``hook_out``;
 - anything else: TransformerLens' own forward, unchanged (its children still take their own fast
   paths where they can).
 
@@ -59,8 +62,10 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 TESTED_VERSIONS = frozenset({"4.3.0"})
 _PLAN = "_mechmem_fast_plan"
 # How a component runs a call: its HF module alone, the HF module between the component's own
-# hook_in/hook_out, the HF module with its projections still bridged, or TL's own forward.
-_DIRECT, _AROUND, _BRIDGED, _TL = range(4)
+# hook_in/hook_out, the HF module with its projections still bridged, a block's HF layer with its
+# hooked children bridged (between the block's hook_in/hook_out), or TL's own forward.
+_DIRECT, _AROUND, _BRIDGED, _NESTED, _TL = range(5)
+_BLOCK_TYPES = frozenset({BlockBridge, ParallelBlockBridge})
 # Component types (exact: subclasses may place hooks elsewhere) whose TransformerLens forward
 # fires hook_in on the hidden states it is given and hook_out on its first output, around the HF
 # computation; read in TL 4.3's source and covered by the tests' architectures.
@@ -87,6 +92,13 @@ class _Plan:
         self.inner = _hook_dicts(inner)
         self.own = _hook_dicts(own)
         self.projections = _hook_dicts(projections)
+        # A block's direct bridge children, each with its hook dictionaries, and the points
+        # outside them (a block-level point such as hook_mlp_in): what decides _NESTED.
+        self.children = _bridged_children(component) if type(component) in _BLOCK_TYPES else ()
+        held = {id(m) for _, child, _ in self.children for m in child.modules()}
+        self.outside = _hook_dicts(m for m in inner if id(m) not in held)
+        self.nested: dict[frozenset[str], nn.Module] = {}
+        self.nested_key: frozenset[str] = frozenset()
         # Module hooks on the components inside: TransformerLens keeps a few of its own there
         # (capture hooks on the norms); any more means a user hooked a component by hand.
         self.module_hooks = tuple(
@@ -108,14 +120,45 @@ class _Plan:
         """
         stamp = getattr(RemovableHandle, "next_id", None)
         if stamp is None or stamp != self.stamp or self.route != _DIRECT:
-            inside = any(self.inner) or sum(map(len, self.module_hooks)) != self.tl_module_hooks
+            by_hand = sum(map(len, self.module_hooks)) != self.tl_module_hooks
+            inside = any(self.inner) or by_hand
             own, projections = any(self.own), any(self.projections)
-            if inside or (own and projections):
+            if (own and projections) or (inside and (by_hand or not self._nestable())):
                 self.route = _TL
+            elif inside:
+                self.route = _NESTED
             else:
                 self.route = _BRIDGED if projections else _AROUND if own else _DIRECT
             self.stamp = stamp
         return self.route
+
+    def _nestable(self) -> bool:
+        """True when every hook inside this block sits in a direct child that serves it without
+        TransformerLens' forward (its own route is ``_AROUND`` or ``_BRIDGED``); sets which
+        children stay bridged. TL's capture hooks on the unwrapped norms then have nothing to
+        capture: they feed only TL's attention forward and the unhooked ``hook_mlp_in``."""
+        if not self.children or any(self.outside):
+            return False
+        hooked = []
+        for name, child, dicts in self.children:
+            if any(dicts):
+                plan = child.__dict__.get(_PLAN)
+                if plan is None or plan._route() not in (_AROUND, _BRIDGED):
+                    return False
+                hooked.append(name)
+        self.nested_key = frozenset(hooked)
+        return True
+
+    def _nested_module(self) -> nn.Module:
+        """The HF layer with the hooked children bridged and the rest unwrapped (built once per
+        set of hooked children; a shallow copy, sharing every parameter)."""
+        module = self.nested.get(self.nested_key)
+        if module is None:
+            module = copy.copy(self.module)
+            bridged = {name: child for name, child, _ in self.children if name in self.nested_key}
+            module.__dict__["_modules"] = {**self.module._modules, **bridged}
+            self.nested[self.nested_key] = module
+        return module
 
     def runnable(self) -> bool:
         """True when this call may bypass TransformerLens' forward of the component."""
@@ -134,20 +177,22 @@ class _Plan:
             if route == _DIRECT:
                 return self.module(*args, **kwargs)
             if route == _AROUND and (args or "hidden_states" in kwargs):
-                return self._around(*args, **kwargs)
+                return self._around(self.module, *args, **kwargs)
             if route == _BRIDGED:
                 return self.component.original_component(*args, **kwargs)
+            if route == _NESTED and (args or "hidden_states" in kwargs):
+                return self._around(self._nested_module(), *args, **kwargs)
         return self.tl_forward(self.component, *args, **kwargs)
 
-    def _around(self, *args, **kwargs):
-        """The HF module between the component's own ``hook_in`` (on the hidden states it is
-        given) and ``hook_out`` (on its first output), where TransformerLens fires them."""
+    def _around(self, module: nn.Module, *args, **kwargs):
+        """``module`` between the component's own ``hook_in`` (on the hidden states it is given)
+        and ``hook_out`` (on its first output), where TransformerLens fires them."""
         hook_in, hook_out = self.component.hook_in, self.component.hook_out
         if args:
             args = (hook_in(args[0]), *args[1:])
         else:
             kwargs["hidden_states"] = hook_in(kwargs["hidden_states"])
-        output = self.module(*args, **kwargs)
+        output = module(*args, **kwargs)
         if isinstance(output, tuple):
             return (hook_out(output[0]), *output[1:])
         return hook_out(output)
@@ -180,6 +225,16 @@ def _projection_points(component: GeneralizedComponent) -> tuple[HookPoint, ...]
     if not all(type(c) is LinearBridge for c in bridged):
         return ()
     return tuple(m for c in bridged for m in c.modules() if isinstance(m, HookPoint))
+
+
+def _bridged_children(block: GeneralizedComponent) -> tuple[tuple[str, nn.Module, tuple], ...]:
+    """A block's HF layer's direct children that are bridge components: (name, component, hook
+    dictionaries of every HookPoint inside it)."""
+    return tuple(
+        (name, child, _hook_dicts(m for m in child.modules() if isinstance(m, HookPoint)))
+        for name, child in block.original_component._modules.items()
+        if isinstance(child, GeneralizedComponent)
+    )
 
 
 def _hook_dicts(points) -> tuple[dict, ...]:

@@ -138,6 +138,7 @@ class Drugs(Intervention):
             self._doses = torch.tensor(doses, device=context.positions.device)
             self._dosed = any(dose > 0 for dose in doses)
         self._eligible: dict[bool, Tensor] = {}
+        self._peaks: dict[float, Tensor] = {}
 
     def _eligibility(self, full_set: bool) -> Tensor:
         """This step's perturbed columns ``[batch, columns]`` (past the sinks, in rows with a
@@ -149,6 +150,26 @@ class Drugs(Intervention):
             eligible = (position_ids >= self.config.protect_first) & (self._doses[:, None] > 0)
             self._eligible[full_set] = eligible
         return self._eligible[full_set]
+
+    def _peak_angles(self, ratio: float) -> Tensor:
+        """Each row's peak angle at a layer of this ``ratio``, ``[batch, 1]`` (kept per step)."""
+        if ratio not in self._peaks:
+            self._peaks[ratio] = self._doses[:, None] * ratio
+        return self._peaks[ratio]
+
+    def _draw(self, per_row: int, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Every row's angle fractions ``[batch, per_row]`` and directions
+        ``[batch * per_row, d]``, each row from its own generator."""
+        draw = dict(device=like.device, dtype=like.dtype)
+        thetas, directions = [], []
+        for generator in self._row_generators:
+            thetas.append(torch.rand(per_row, generator=generator, **draw))
+            directions.append(
+                draw_directions((per_row, d), self.config.direction, generator, **draw)
+            )
+        if len(thetas) == 1:  # one row: no copies
+            return thetas[0][None], directions[0]
+        return torch.stack(thetas), torch.cat(directions)
 
     def hooks(self, model):
         n_layers = int(model.cfg.n_layers)
@@ -175,17 +196,11 @@ class Drugs(Intervention):
             # not: no count is read on the host, and a row's noise depends on its own seed and
             # the forward's width, not on the other rows. The rotation runs once over the batch
             # and a mask keeps the ineligible vectors as they were.
-            draw = dict(device=activation.device, dtype=activation.dtype)
-            thetas, directions = [], []
-            for generator in self._row_generators:
-                thetas.append(torch.rand(per_row, generator=generator, **draw))
-                directions.append(
-                    draw_directions((per_row, d), self.config.direction, generator, **draw)
-                )
-            angles = torch.stack(thetas) * (self._doses[:, None] * ratio)
-            rotated = rotate(
-                activation.reshape(-1, d), angles.reshape(-1), torch.cat(directions)
-            ).reshape(activation.shape)
+            thetas, directions = self._draw(per_row, d, activation)
+            angles = thetas * self._peak_angles(ratio)
+            rotated = rotate(activation.reshape(-1, d), angles.reshape(-1), directions).reshape(
+                activation.shape
+            )
             eligible = self._eligibility(full_set)
             mask = eligible.reshape(*eligible.shape, *[1] * (activation.ndim - 2))
             return torch.where(mask, rotated, activation)

@@ -200,3 +200,36 @@ def test_a_block_called_on_its_own_keeps_the_tl_conventions(pair):
     out_fast, out_slow = fast.blocks[LAYER](hidden), slow.blocks[LAYER](hidden)
     assert type(out_fast) is type(out_slow)
     torch.testing.assert_close(out_fast[0], out_slow[0])
+
+
+@pytest.mark.parametrize("name", ["attn.hook_in", "hook_attn_out", "attn.hook_q", "attn.hook_z"])
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_a_block_hooked_only_in_its_attention_runs_its_hf_layer(pair, arch_name, name):
+    fast, slow = pair(arch_name)
+    plan = fast.blocks[LAYER].__dict__[fastpath._PLAN]
+    routes = []
+
+    def halve(activation, hook):
+        routes.append(plan.route)
+        return activation * 0.5
+
+    full = f"blocks.{LAYER}.{name}"
+    with attached(fast, [(full, halve)]):
+        edited_fast = _generate(fast)
+    with attached(slow, [(full, lambda activation, hook: activation * 0.5)]):
+        edited_slow = _generate(slow)
+    assert routes and set(routes) == {fastpath._NESTED}
+    torch.testing.assert_close(edited_fast.logits, edited_slow.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_with_a_block_level_hook_keeps_the_tl_forward(pair):
+    fast, _ = pair("llama")
+    plan = fast.blocks[LAYER].__dict__[fastpath._PLAN]
+    routes = []
+    fast.set_use_hook_mlp_in(True)
+    try:
+        with attached(fast, [(f"blocks.{LAYER}.hook_mlp_in", lambda a, hook: routes.append(plan.route))]):
+            _generate(fast)
+    finally:
+        fast.set_use_hook_mlp_in(False)
+    assert routes and set(routes) == {fastpath._TL}
