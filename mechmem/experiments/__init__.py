@@ -82,7 +82,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "window_keep": 64,
                 "seeds": [0, 1, 2, 3, 4, 5],  # 6 pairs: the smallest exact p is 0.03
             },
-            "default": {"tokens": 2000, "log_every": 250},
+            "default": {"tokens": 2000, "log_every": 250, "seeds": [0, 1, 2, 3, 4, 5]},
             "full": {"tokens": 150_000, "seeds": [0, 1, 2, 3]},
         },
         summary="RD-Net: long-generation repetition against sampling and penalty controls",

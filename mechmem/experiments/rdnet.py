@@ -341,6 +341,7 @@ def run_rdnet(
         for arm in config.arms
     }
     tests = _paired_tests(runs, config)
+    identical = _identical_to_vanilla(rows, result.tokens)
     results = {
         "experiment": "rdnet",
         "config": config.to_dict(),
@@ -351,15 +352,32 @@ def run_rdnet(
         "arms": arms,
         "runs": runs,
         "paired_tests": tests,
+        "identical_to_vanilla": identical,
         "answer": _answer(tests, arms, config),
-        "headline": _headline(tests, config),
+        "headline": _headline(tests, config, identical),
     }
     if out is not None:
         write_outputs(out, "rdnet", results, figures(results))
     return results
 
 
-def _headline(tests: list[dict], config: RDNetExperimentConfig) -> dict[str, Any]:
+def _identical_to_vanilla(rows: list[_Row], tokens: list[list[int]]) -> dict[str, bool]:
+    """Per arm: whether it sampled exactly the vanilla arm's tokens in every (prompt, seed) pair
+    (a memory too weak to change any sampled token; its curves are then vanilla's)."""
+    vanilla = {(r.prompt_index, r.seed): t for r, t in zip(rows, tokens) if r.arm == "vanilla"}
+    if not vanilla:
+        return {}
+    same: dict[str, bool] = {}
+    for row, row_tokens in zip(rows, tokens):
+        if row.arm != "vanilla":
+            match = list(row_tokens) == list(vanilla[row.prompt_index, row.seed])
+            same[row.arm] = same.get(row.arm, True) and match
+    return same
+
+
+def _headline(
+    tests: list[dict], config: RDNetExperimentConfig, identical: dict[str, bool]
+) -> dict[str, Any]:
     """The faithful memory against the vanilla control (or the first pair tested)."""
     claim = (
         "RD-Net: drifting memory keys hold rep-4 at 0.28-0.34 out to 150k tokens, where the "
@@ -378,7 +396,9 @@ def _headline(tests: list[dict], config: RDNetExperimentConfig) -> dict[str, Any
             verdict="inconclusive: nothing compared",
         )
     test = next((t for t in tests if (t["arm"], t["control"]) == ("faithful", "vanilla")), tests[0])
-    if test["beats_control"]:
+    if test["control"] == "vanilla" and identical.get(test["arm"]):
+        verdict = f"does not hold: {test['arm']} samples exactly vanilla's tokens in every pair"
+    elif test["beats_control"]:
         verdict = f"holds: {test['arm']} repeats less than {test['control']}"
     elif test["p_value"] < 0.05:
         verdict = f"does not hold: {test['arm']} repeats MORE than {test['control']}"

@@ -11,6 +11,9 @@ import mechmem
 from mechmem.experiments.rdnet import (
     RDNetExperimentConfig,
     _arm_summary,
+    _headline,
+    _identical_to_vanilla,
+    _Row,
     collapse_onset,
     run_rdnet,
 )
@@ -105,3 +108,22 @@ def test_cli_takes_tokens_and_rejects_a_bad_config_before_loading_a_model(monkey
     assert "tokens" in capsys.readouterr().err
     assert main(["run", "rdnet", "--set", 'arms=["vanilla","nope"]']) == 2
     assert "arms" in capsys.readouterr().err
+
+
+def test_a_memory_that_changes_no_sampled_token_is_reported_as_such():
+    rows = [_Row(arm, 0, seed) for seed in (0, 1) for arm in ("vanilla", "faithful", "penalty")]
+    tokens = [[1, 2], [1, 2], [3, 4], [5, 6], [5, 6], [5, 7]]
+    identical = _identical_to_vanilla(rows, tokens)
+    assert identical == {"faithful": True, "penalty": False}
+    test = {
+        "arm": "faithful",
+        "control": "vanilla",
+        "mean": 0.0,
+        "interval": [0.0, 0.0],
+        "p_value": 1.0,
+        "beats_control": False,
+        "smallest_attainable_p": 0.5,
+    }
+    verdict = _headline([test], RDNetExperimentConfig(), identical)["verdict"]
+    assert verdict.startswith("does not hold: faithful samples exactly vanilla's tokens")
+    assert _headline([test], RDNetExperimentConfig(), {})["verdict"].startswith("inconclusive")

@@ -226,9 +226,10 @@ def test_a_block_with_a_block_level_hook_keeps_the_tl_forward(pair):
     fast, _ = pair("llama")
     plan = fast.blocks[LAYER].__dict__[fastpath._PLAN]
     routes = []
+    name = f"blocks.{LAYER}.hook_mlp_in"
     fast.set_use_hook_mlp_in(True)
     try:
-        with attached(fast, [(f"blocks.{LAYER}.hook_mlp_in", lambda a, hook: routes.append(plan.route))]):
+        with attached(fast, [(name, lambda activation, hook: routes.append(plan.route))]):
             _generate(fast)
     finally:
         fast.set_use_hook_mlp_in(False)
