@@ -16,7 +16,7 @@ and a plain ``register_forward_hook`` all write to:
   / ``hook_resid_post``, ``attn.hook_in`` / ``hook_attn_out``): those two fire around the HF
   module, exactly where TransformerLens fires them;
 - only a rotary attention's q/k/v/o projections hooked (``hook_q``, ``hook_z``, ...): HF attention
-  runs with those projection bridges in place;
+  runs with the hooked projections bridged and the others unwrapped;
 - a block whose hooks all sit in children that can serve them on one of the routes above (an
   attention's ``hook_in`` or ``hook_z``, say): the HF layer runs with those children bridged and
   every other child unwrapped, between the block's own ``hook_in`` / ``hook_out``;
@@ -62,7 +62,7 @@ from transformer_lens.model_bridge.generalized_components.position_embeddings_at
 TESTED_VERSIONS = frozenset({"4.3.0"})
 _PLAN = "_mechmem_fast_plan"
 # How a component runs a call: its HF module alone, the HF module between the component's own
-# hook_in/hook_out, the HF module with its projections still bridged, a block's HF layer with its
+# hook_in/hook_out, the HF module with its hooked projections bridged, a block's HF layer with its
 # hooked children bridged (between the block's hook_in/hook_out), or TL's own forward.
 _DIRECT, _AROUND, _BRIDGED, _NESTED, _TL = range(5)
 _BLOCK_TYPES = frozenset({BlockBridge, ParallelBlockBridge})
@@ -92,9 +92,11 @@ class _Plan:
         self.inner = _hook_dicts(inner)
         self.own = _hook_dicts(own)
         self.projections = _hook_dicts(projections)
-        # A block's direct bridge children, each with its hook dictionaries, and the points
-        # outside them (a block-level point such as hook_mlp_in): what decides _NESTED.
-        self.children = _bridged_children(component) if type(component) in _BLOCK_TYPES else ()
+        # A block's direct bridge children (a rotary attention's: its projections), each with
+        # its hook dictionaries, and the points outside them (a block-level point such as
+        # hook_mlp_in): which children a _NESTED or _BRIDGED call keeps bridged.
+        nests = type(component) in _BLOCK_TYPES or bool(projections)
+        self.children = _bridged_children(component) if nests else ()
         held = {id(m) for _, child, _ in self.children for m in child.modules()}
         self.outside = _hook_dicts(m for m in inner if id(m) not in held)
         self.nested: dict[frozenset[str], nn.Module] = {}
@@ -111,8 +113,8 @@ class _Plan:
         self.route, self.stamp = _TL, None
 
     def _route(self) -> int:
-        """``_DIRECT``, ``_AROUND``, ``_BRIDGED`` or ``_TL`` for this call, from the hook
-        dictionaries.
+        """``_DIRECT``, ``_AROUND``, ``_BRIDGED``, ``_NESTED`` or ``_TL`` for this call, from
+        the hook dictionaries.
 
         Every hook registration in torch takes a new id from ``RemovableHandle.next_id``: while
         it stands still nothing can have been hooked, so a component found clean stays clean
@@ -127,10 +129,16 @@ class _Plan:
                 self.route = _TL
             elif inside:
                 self.route = _NESTED
+            elif projections:
+                self.nested_key = self._hooked_children()
+                self.route = _BRIDGED
             else:
-                self.route = _BRIDGED if projections else _AROUND if own else _DIRECT
+                self.route = _AROUND if own else _DIRECT
             self.stamp = stamp
         return self.route
+
+    def _hooked_children(self) -> frozenset[str]:
+        return frozenset(name for name, _, dicts in self.children if any(dicts))
 
     def _nestable(self) -> bool:
         """True when every hook inside this block sits in a direct child that serves it without
@@ -139,19 +147,18 @@ class _Plan:
         capture: they feed only TL's attention forward and the unhooked ``hook_mlp_in``."""
         if not self.children or any(self.outside):
             return False
-        hooked = []
-        for name, child, dicts in self.children:
-            if any(dicts):
+        hooked = self._hooked_children()
+        for name, child, _ in self.children:
+            if name in hooked:
                 plan = child.__dict__.get(_PLAN)
                 if plan is None or plan._route() not in (_AROUND, _BRIDGED):
                     return False
-                hooked.append(name)
-        self.nested_key = frozenset(hooked)
+        self.nested_key = hooked
         return True
 
     def _nested_module(self) -> nn.Module:
-        """The HF layer with the hooked children bridged and the rest unwrapped (built once per
-        set of hooked children; a shallow copy, sharing every parameter)."""
+        """The HF layer (or attention) with the hooked children bridged and the rest unwrapped
+        (built once per set of hooked children; a shallow copy, sharing every parameter)."""
         module = self.nested.get(self.nested_key)
         if module is None:
             module = copy.copy(self.module)
@@ -179,7 +186,7 @@ class _Plan:
             if route == _AROUND and (args or "hidden_states" in kwargs):
                 return self._around(self.module, *args, **kwargs)
             if route == _BRIDGED:
-                return self.component.original_component(*args, **kwargs)
+                return self._nested_module()(*args, **kwargs)
             if route == _NESTED and (args or "hidden_states" in kwargs):
                 return self._around(self._nested_module(), *args, **kwargs)
         return self.tl_forward(self.component, *args, **kwargs)

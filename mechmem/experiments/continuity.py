@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import plotly
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
@@ -554,8 +555,10 @@ def probe_figure(results: dict[str, Any]) -> go.Figure:
     the original's claimed (dashed) and notebook (dotted) numbers as lines."""
     figure = make_subplots(rows=1, cols=3, subplot_titles=list(METRICS.values()))
     variants = sorted({e["variant"] for e in results["probe"]["arms"]})
+    gains = sorted({e["gain"] for e in results["probe"]["arms"]})
+    palette = plotly.colors.qualitative.Plotly
     for column, name in enumerate(METRICS, start=1):
-        for variant in variants:
+        for index, variant in enumerate(variants):
             arms = [e for e in results["probe"]["arms"] if e["variant"] == variant]
             figure.add_trace(
                 go.Scatter(
@@ -563,6 +566,7 @@ def probe_figure(results: dict[str, Any]) -> go.Figure:
                     y=[e[name]["mean"] for e in arms],
                     error_y=_error_bars([e[name] for e in arms]),
                     mode="markers+lines",
+                    marker_color=palette[index % len(palette)],
                     name=variant,
                     legendgroup=variant,
                     showlegend=column == 1,
@@ -572,7 +576,7 @@ def probe_figure(results: dict[str, Any]) -> go.Figure:
             )
         for value, dash in ((CLAIMED[name], "dash"), (NOTEBOOK[name], "dot")):
             figure.add_hline(y=value, line_dash=dash, line_color="grey", row=1, col=column)
-        figure.update_xaxes(title_text="gain", type="log", row=1, col=column)
+        figure.update_xaxes(title_text="gain", type="log", tickvals=gains, row=1, col=column)
     figure.update_layout(
         title="Logit probe, linkage 1 vs 0 (dashed: the original's claim; dotted: its notebook)"
     )
@@ -616,12 +620,14 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
         rows=1,
         cols=3,
         subplot_titles=[
-            "stance after each turn: logit(Yes) − logit(No)",
+            "stance per turn: logit(Yes) − logit(No)",
             "turn-5 summary overlap with turn 1",
             "reply perplexity (clean model)",
         ],
     )
-    for arm in arms:
+    palette = plotly.colors.qualitative.Plotly
+    for index, arm in enumerate(arms):
+        color = palette[index % len(palette)]
         mine = [c for c in conversations if c["arm"] == arm]
         stances = np.array([c["stance"] for c in mine])
         turns = [_mean_interval(stances[:, t]) for t in range(stances.shape[1])]
@@ -631,6 +637,7 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
                 y=[t["mean"] for t in turns],
                 error_y=_error_bars(turns),
                 mode="lines+markers",
+                marker_color=color,
                 name=arm,
                 legendgroup=arm,
             ),
@@ -646,6 +653,7 @@ def protocol_figure(results: dict[str, Any]) -> go.Figure:
                         x=[arm],
                         y=[entry["mean"]],
                         error_y=_error_bars([entry]),
+                        marker_color=color,
                         name=arm,
                         legendgroup=arm,
                         showlegend=False,

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
 
 import mechmem
 from mechmem.core import fastpath
@@ -234,3 +235,19 @@ def test_a_block_with_a_block_level_hook_keeps_the_tl_forward(pair):
     finally:
         fast.set_use_hook_mlp_in(False)
     assert routes and set(routes) == {fastpath._TL}
+
+
+def test_an_attention_hooked_at_one_projection_bridges_that_projection_only(pair):
+    fast, _ = pair("llama")
+    plan = fast.blocks[LAYER].attn.__dict__[fastpath._PLAN]
+    bridged = []
+
+    def record(activation, hook):
+        children = plan._nested_module()._modules
+        bridged.append(
+            (plan.route, sorted(n for n, c in children.items() if isinstance(c, LinearBridge)))
+        )
+
+    with attached(fast, [(f"blocks.{LAYER}.attn.hook_z", record)]):
+        _generate(fast)
+    assert bridged and set(map(str, bridged)) == {str((fastpath._BRIDGED, ["o_proj"]))}
