@@ -28,7 +28,7 @@ def write_results_doc(results_path: str | Path, docs: str | Path) -> Path:
     images = folder / "img"
     images.mkdir(parents=True, exist_ok=True)
     written = {
-        name: export_figures(name, results, images)
+        name: export_figures(name, {**results, "timings": report["run"]["timings"][name]}, images)
         for name, results in report["experiments"].items()
     }
     lines = [

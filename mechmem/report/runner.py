@@ -159,7 +159,10 @@ def _write_report(
             "environment": environment(model.cfg.device),
         },
     }
-    figures = {name: EXPERIMENTS[name].figures(results) for name, results in done.items()}
+    figures = {
+        name: EXPERIMENTS[name].figures({**results, "timings": timings[name]})
+        for name, results in done.items()
+    }
     _write_atomic(folder / "results.json", json.dumps(report, indent=2, allow_nan=False))
     _write_atomic(folder / "summary.md", summary_markdown(report))
     _write_atomic(folder / "index.html", render_page(report, figures))

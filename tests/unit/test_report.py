@@ -40,6 +40,28 @@ TINY_SCALES = {
         "rep_window": 20,
         "char_window": 40,
     },
+    "attractor": {
+        "max_text_tokens": 256,
+        "window": 32,
+        "overhead_tokens": 4,
+        "overhead_repeats": 1,
+        "seeds": [0, 1],
+        "tokens": 40,
+        "rep_window": 20,
+        "generation_arms": ["causal"],
+        "qa_items": 8,
+        "qa_chains": 4,
+    },
+    "continuity": {
+        "prompts": ["hello there", "what is this", "tell me a story"],
+        "gains": [0.8],
+        "topics": 1,
+        "max_new_tokens": 4,
+        "layer_sweep": [0],
+        "window": 320,  # the tiny models' byte tokens outgrow their 512 positions
+    },
+    "nnm-gate": {"n_items": 3, "held_out": 6, "max_new_tokens": 2},
+    "nnm-retrieval": {"synthetic_docs": 16, "synthetic_queries": 4, "id_texts": 16, "max_tokens": 24},
 }
 ONLY = ["drugs", "rdnet"]
 
@@ -67,18 +89,22 @@ def _without_run(report: dict) -> dict:
 def test_results_json_follows_the_schema_and_a_rerun_with_the_same_seeds_is_equal(
     tiny, tiny_scales, tmp_path
 ):
+    """Every section, twice: equal numbers everywhere but the run's timings."""
     jsonschema = pytest.importorskip("jsonschema")
-    first = run_report(tiny("llama"), out=tmp_path / "a", only=ONLY, progress=False)
-    second = run_report(tiny("llama"), out=tmp_path / "b", only=ONLY, progress=False)
+    first = run_report(tiny("llama"), out=tmp_path / "a", progress=False)
+    second = run_report(tiny("llama"), out=tmp_path / "b", progress=False)
     schema = json.loads(files("mechmem").joinpath("data/report.schema.json").read_text())
     stored = json.loads((tmp_path / "a" / "results.json").read_text())
     jsonschema.validate(stored, schema)
     assert "NaN" not in (tmp_path / "a" / "results.json").read_text()
     assert _without_run(first) == _without_run(second)
-    assert tiny_scales == ["drugs", "rdnet", "drugs", "rdnet"]
-    assert set(stored["run"]["timings"]) == set(ONLY)
+    assert tiny_scales == [*TINY_SCALES, *TINY_SCALES]
+    assert set(stored["run"]["timings"]) == set(TINY_SCALES)
+    assert "overhead" in stored["run"]["timings"]["attractor"]  # a timing, kept with the run's
     summary = (tmp_path / "a" / "summary.md").read_text()
-    assert all(f"| {name} |" in summary for name in ONLY)
+    assert all(f"| {name} |" in summary for name in TINY_SCALES)
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert "Greedy tokens\\u002fs by CPU time" in page  # the attractor's overhead figure (timings)
 
 
 def test_an_interrupted_run_resumes_with_the_remaining_experiments_only(
