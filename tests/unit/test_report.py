@@ -61,7 +61,12 @@ TINY_SCALES = {
         "window": 320,  # the tiny models' byte tokens outgrow their 512 positions
     },
     "nnm-gate": {"n_items": 3, "held_out": 6, "max_new_tokens": 2},
-    "nnm-retrieval": {"synthetic_docs": 16, "synthetic_queries": 4, "id_texts": 16, "max_tokens": 24},
+    "nnm-retrieval": {
+        "synthetic_docs": 16,
+        "synthetic_queries": 4,
+        "id_texts": 16,
+        "max_tokens": 24,
+    },
 }
 ONLY = ["drugs", "rdnet"]
 
