@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import add_model_args, best_times, model_from_args, untouched_hf
+from common import add_model_args, model_from_args, paired_ratio, round_times, untouched_hf
 
 import mechmem
 from mechmem.core.tokens import encode_batch
@@ -24,7 +24,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=10, help="noisy layers (from the middle)")
     parser.add_argument("--sites", nargs="+", default=["H", "Q", "K", "V", "A"])
@@ -66,17 +66,19 @@ def main() -> None:
 
     timed = {"HF eager (untouched)": hf_generate}
     timed.update({name: run(items) for name, items in arms.items()})
-    best = best_times(timed, args.repeats)
-    rates = {name: args.batch * args.tokens / seconds for name, seconds in best.items()}
+    times = round_times(timed, args.repeats)
+    rates = {name: args.batch * args.tokens / min(seconds) for name, seconds in times.items()}
     base, hf_rate = rates["no intervention"], rates["HF eager (untouched)"]
     path = "TL path" if args.no_fast else "fast path"
     print(
         f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
-        f"device {model.cfg.device}, mechmem on the {path}"
+        f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds"
     )
-    print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'vs HF':>7}")
+    print("best: each arm's best round; paired: median over rounds of the same round's ratio")
+    print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'vs HF':>7}")
     for name, rate in rates.items():
-        print(f"{name:<28} {rate:8.2f} {rate / base:9.3f} {rate / hf_rate:7.3f}")
+        paired = paired_ratio(times, name, "no intervention")
+        print(f"{name:<28} {rate:8.2f} {rate / base:9.3f} {paired:7.3f} {rate / hf_rate:7.3f}")
     print("bar: DRµGS on one site over 10 layers >= 0.95x the engine without it")
 
 

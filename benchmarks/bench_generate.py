@@ -1,7 +1,8 @@
 """Throughput of mechmem's engine against an untouched HF model with the same weights.
 
 Arms, all greedy, exactly ``--tokens`` new tokens per row (no early EOS stop), the same prompts,
-interleaved over ``--repeats`` rounds (each arm's best round is reported):
+interleaved over ``--repeats`` rounds (each arm's best round is reported, and the median over
+rounds of its ratio to the first baseline in the same round):
 
 - ``HF eager`` / ``HF sdpa``: ``generate`` of the HF model loaded a second time from the same
   weights and never wrapped in a bridge (the baselines);
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_model_args, best_times, model_from_args, untouched_hf
+from common import add_model_args, model_from_args, paired_ratio, round_times, untouched_hf
 
 import mechmem
 from mechmem.core.tokens import encode_batch, encode_prompts, eos_token_ids, hf_tokenizer
@@ -119,17 +120,20 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, new tokens per row: {args.tokens}")
 
     rates: dict[tuple[int, str], float] = {}
-    for batch in args.batches:
-        best = best_times(_arms(models, hfs, batch, args.tokens, args.hook_layers), args.repeats)
-        for name, seconds in best.items():
-            rates[batch, name] = batch * args.tokens / seconds
-
+    paired: dict[tuple[int, str], float] = {}
     baselines = [f"HF {impl}" for impl in args.attn]
+    for batch in args.batches:
+        times = round_times(_arms(models, hfs, batch, args.tokens, args.hook_layers), args.repeats)
+        for name, seconds in times.items():
+            rates[batch, name] = batch * args.tokens / min(seconds)
+            paired[batch, name] = paired_ratio(times, name, baselines[0])
+
     header = "".join(f"  {'vs ' + b:>11}" for b in baselines)
-    print(f"\n{'batch':>5}  {'arm':<34} {'tok/s':>8}{header}")
+    print(f"\nratios of best rounds; 'paired': median over rounds of the ratio to {baselines[0]}")
+    print(f"{'batch':>5}  {'arm':<34} {'tok/s':>8}{header}  {'paired':>7}")
     for (batch, name), rate in rates.items():
         ratios = "".join(f"  {rate / rates[batch, b]:11.3f}" for b in baselines)
-        print(f"{batch:>5}  {name:<34} {rate:8.2f}{ratios}")
+        print(f"{batch:>5}  {name:<34} {rate:8.2f}{ratios}  {paired[batch, name]:7.3f}")
     if "eager" in args.attn:
         print("\nbars (vs HF eager): mechmem (fast) >= 0.95, with identity hooks >= 0.9")
 

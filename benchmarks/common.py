@@ -56,29 +56,50 @@ def untouched_hf(args: argparse.Namespace, attn_implementation: str = "eager"):
     return model.to(_device(args)).eval()
 
 
-def best_times(
+def round_times(
     arms: dict[str, Callable[[], object]],
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
-) -> dict[str, float]:
-    """Best wall time (s) of each arm over ``repeats`` interleaved rounds, after one warm-up
-    run of every arm; interleaving spreads the machine's noise over all arms alike. Each
-    round's times are printed as they come (in the arms' order). ``clock=time.process_time``
-    counts this process's CPU time instead (steadier on a machine other jobs load)."""
+) -> dict[str, list[float]]:
+    """Each arm's time (s) in each of ``repeats`` interleaved rounds, after one warm-up run of
+    every arm; interleaving spreads the machine's noise over all arms alike. Each round's times
+    are printed as they come (in the arms' order). ``clock=time.process_time`` counts this
+    process's CPU time instead (steadier on a machine other jobs load)."""
     for run in arms.values():
         run()
-    best = {name: float("inf") for name in arms}
+    times: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(repeats):
-        times = []
         for name, run in arms.items():
             start = clock()
             run()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            times.append(clock() - start)
-            best[name] = min(best[name], times[-1])
-        print(f"round {round_ + 1}/{repeats}: " + " ".join(f"{t:.2f}s" for t in times), flush=True)
-    return best
+            times[name].append(clock() - start)
+        line = " ".join(f"{t[-1]:.2f}s" for t in times.values())
+        print(f"round {round_ + 1}/{repeats}: {line}", flush=True)
+    return times
+
+
+def best_times(
+    arms: dict[str, Callable[[], object]],
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Best time (s) of each arm over :func:`round_times`' interleaved rounds."""
+    return {name: min(times) for name, times in round_times(arms, repeats, clock).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], arm: str, baseline: str) -> float:
+    """Median over rounds of ``baseline``'s time over ``arm``'s in the same round: a throughput
+    ratio that drifts in the machine's speed between rounds leave alone.
+
+    Example:
+        >>> paired_ratio({"base": [1.0, 2.0, 1.0], "arm": [1.1, 2.0, 1.25]}, "arm", "base")
+        0.9090909090909091
+    """
+    ratios = sorted(b / a for a, b in zip(times[arm], times[baseline]))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
 
 
 def print_throughput(best: dict[str, float], rows_tokens: int, baseline: str) -> None:

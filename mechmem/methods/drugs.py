@@ -21,8 +21,8 @@ rows, only on the forward's width: a row draws for every column, padding include
 protection of the first ``protect_first`` positions the model sees in that row. ``protect_inputs``
 switches noise off during the prompt's prefill. The periodic cold shower is the engine's
 ``generate(..., clean_every=t)``: every t tokens the recent cache entries are recomputed with
-every intervention off. The hooks never read the device on the host: eligibility is a mask
-computed once per step, applied with ``torch.where``.
+every intervention off. The hooks never read the device on the host: which columns are perturbed
+is computed once per step, as each column's peak angle (0 where it is protected).
 
 Example:
     >>> drugs = Drugs(sites=["H"], dose=0.1, profile=peak_profile(0.4, 0.2))
@@ -137,32 +137,34 @@ class Drugs(Intervention):
         if self._doses is None or len(self._doses) != batch:
             self._doses = torch.tensor(doses, device=context.positions.device)
             self._dosed = any(dose > 0 for dose in doses)
-        self._eligible: dict[bool, Tensor] = {}
-        self._peaks: dict[float, Tensor] = {}
+        self._angle_scales: dict[tuple[float, bool], Tensor] = {}
 
-    def _eligibility(self, full_set: bool) -> Tensor:
-        """This step's perturbed columns ``[batch, columns]`` (past the sinks, in rows with a
-        dose > 0), for the new tokens or the full key/value set. Computed once per step on the
-        device (it is the same at every layer) and never read on the host."""
-        if full_set not in self._eligible:
+    def _angle_scale(self, ratio: float, full_set: bool) -> Tensor:
+        """Each column's peak angle at a layer of this ``ratio``, ``[batch, columns]``: the row's
+        dose times ``ratio`` where the column is perturbed (past the sinks), 0 elsewhere, for the
+        new tokens or the full key/value set. Computed once per step on the device (it is the
+        same at every layer of that ratio) and never read on the host. An angle of 0 leaves a
+        vector exactly as it was, so no mask is applied afterwards."""
+        key = (ratio, full_set)
+        if key not in self._angle_scales:
             context = self.context
             position_ids = context.key_position_ids if full_set else context.position_ids
-            eligible = (position_ids >= self.config.protect_first) & (self._doses[:, None] > 0)
-            self._eligible[full_set] = eligible
-        return self._eligible[full_set]
-
-    def _peak_angles(self, ratio: float) -> Tensor:
-        """Each row's peak angle at a layer of this ``ratio``, ``[batch, 1]`` (kept per step)."""
-        if ratio not in self._peaks:
-            self._peaks[ratio] = self._doses[:, None] * ratio
-        return self._peaks[ratio]
+            peak = self._doses[:, None] * ratio
+            self._angle_scales[key] = peak * (position_ids >= self.config.protect_first)
+        return self._angle_scales[key]
 
     def _draw(self, per_row: int, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """Every row's angle fractions ``[batch, per_row]`` and directions
-        ``[batch * per_row, d]``, each row from its own generator."""
+        ``[batch * per_row, d]``, each row from its own generator (``faithful`` draws both in
+        one call: a CPU generator gives the same numbers as two calls in a row)."""
         draw = dict(device=like.device, dtype=like.dtype)
         thetas, directions = [], []
         for generator in self._row_generators:
+            if self.config.direction == "faithful":
+                both = torch.rand(per_row * (d + 1), generator=generator, **draw)
+                thetas.append(both[:per_row])
+                directions.append(both[per_row:].view(per_row, d))
+                continue
             thetas.append(torch.rand(per_row, generator=generator, **draw))
             directions.append(
                 draw_directions((per_row, d), self.config.direction, generator, **draw)
@@ -192,17 +194,14 @@ class Drugs(Intervention):
                 return None
             d = activation.shape[-1]
             per_row = activation[0].numel() // d  # columns x heads vectors
-            # Each row draws from its own generator for every one of its vectors, eligible or
+            # Each row draws from its own generator for every one of its vectors, perturbed or
             # not: no count is read on the host, and a row's noise depends on its own seed and
-            # the forward's width, not on the other rows. The rotation runs once over the batch
-            # and a mask keeps the ineligible vectors as they were.
+            # the forward's width, not on the other rows. The rotation runs once over the batch;
+            # vectors that are not perturbed get an angle of 0, which leaves them as they were.
             thetas, directions = self._draw(per_row, d, activation)
-            angles = thetas * self._peak_angles(ratio)
-            rotated = rotate(activation.reshape(-1, d), angles.reshape(-1), directions).reshape(
-                activation.shape
-            )
-            eligible = self._eligibility(full_set)
-            mask = eligible.reshape(*eligible.shape, *[1] * (activation.ndim - 2))
-            return torch.where(mask, rotated, activation)
+            scale = self._angle_scale(ratio, full_set)
+            angles = thetas.view(*scale.shape, -1) * scale[..., None]
+            rotated = rotate(activation.reshape(-1, d), angles.reshape(-1), directions)
+            return rotated.view(activation.shape)
 
         return perturb
