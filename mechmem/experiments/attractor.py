@@ -677,6 +677,7 @@ def _generation_figures(r: dict[str, Any], config: dict[str, Any]) -> dict[str, 
         title=f"rep-4 over the last {window} generated tokens (mean over seeds, min-max band)",
         xaxis_title="generated tokens",
         yaxis_title="rep-4",
+        yaxis_range=[0, 1.02],  # a fraction
     )
     out = {"repetition": fig}
     traces = {arm: AttractorTraces.from_dict(t) for arm, t in r["traces"].items()}

@@ -215,12 +215,26 @@ def _paired_tests(runs: list[dict], config: RDNetExperimentConfig) -> list[dict]
     return tests
 
 
+def _window(config: dict[str, Any]) -> str:
+    """What rep-n is measured over, for a run of ``config["tokens"]`` tokens.
+
+    Example:
+        >>> _window({"tokens": 256, "rep_window": 2000})
+        'all generated tokens'
+        >>> _window({"tokens": 10000, "rep_window": 2000})
+        'the last 2000 tokens'
+    """
+    if config["rep_window"] >= config["tokens"]:
+        return "all generated tokens"
+    return f"the last {config['rep_window']} tokens"
+
+
 def _answer(tests: list[dict], arms: dict[str, dict], config: RDNetExperimentConfig) -> str:
     """Plain statement of what the paired tests show."""
     n = len(config.prompts) * len(config.seeds)
     parts = [
-        f"{config.tokens} tokens, {n} (prompt, seed) pair(s), rep-{config.rep_n} over the last "
-        f"{config.rep_window} tokens, collapse = rep-{config.rep_n} > {config.collapse}."
+        f"{config.tokens} tokens, {n} (prompt, seed) pair(s), rep-{config.rep_n} over "
+        f"{_window(config.to_dict())}, collapse = rep-{config.rep_n} > {config.collapse}."
     ]
     for name, arm in arms.items():
         onset = (
@@ -273,9 +287,10 @@ def curves_figure(results: dict[str, Any]) -> go.Figure:
     config = results["config"]
     fig.add_hline(y=config["collapse"], line_dash="dash", annotation_text="collapse")
     fig.update_layout(
-        title=f"RD-Net: rep-{config['rep_n']} over the last {config['rep_window']} tokens",
+        title=f"RD-Net: rep-{config['rep_n']} over {_window(config)}",
         xaxis_title="generated tokens",
         yaxis_title=f"rep-{config['rep_n']} (token level)",
+        yaxis_range=[0, 1.02],  # a fraction
     )
     return fig
 
