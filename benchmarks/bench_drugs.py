@@ -5,12 +5,14 @@ the same run (interleaved rounds, best round per arm).
     python benchmarks/bench_drugs.py                     # embedded SmolLM2-135M
     python benchmarks/bench_drugs.py --sites H K --batch 8
     python benchmarks/bench_drugs.py --no-fast           # mechmem on TransformerLens' own path
+    python benchmarks/bench_drugs.py --cpu-time          # process CPU time (a noisy machine)
     python benchmarks/bench_drugs.py --tiny llama        # smoke run on a tiny random model
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from common import add_model_args, model_from_args, paired_ratio, round_times, untouched_hf
 
@@ -30,6 +32,9 @@ def main() -> None:
     parser.add_argument("--sites", nargs="+", default=["H", "Q", "K", "V", "A"])
     parser.add_argument(
         "--no-fast", action="store_true", help="mechmem without its fast path (TL's own path)"
+    )
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time with process CPU time (a noisy machine)"
     )
     add_model_args(parser)
     args = parser.parse_args()
@@ -66,13 +71,15 @@ def main() -> None:
 
     timed = {"HF eager (untouched)": hf_generate}
     timed.update({name: run(items) for name, items in arms.items()})
-    times = round_times(timed, args.repeats)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    times = round_times(timed, args.repeats, clock)
     rates = {name: args.batch * args.tokens / min(seconds) for name, seconds in times.items()}
     base, hf_rate = rates["no intervention"], rates["HF eager (untouched)"]
     path = "TL path" if args.no_fast else "fast path"
     print(
         f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
-        f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds"
+        f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds, "
+        f"{'CPU' if args.cpu_time else 'wall'} time"
     )
     print("best: each arm's best round; paired: median over rounds of the same round's ratio")
     print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'vs HF':>7}")
