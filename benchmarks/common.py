@@ -8,6 +8,7 @@ TransformerLens too, so it is no baseline).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -97,9 +98,7 @@ def paired_ratio(times: dict[str, list[float]], arm: str, baseline: str) -> floa
         >>> paired_ratio({"base": [1.0, 2.0, 1.0], "arm": [1.1, 2.0, 1.25]}, "arm", "base")
         0.9090909090909091
     """
-    ratios = sorted(b / a for a, b in zip(times[arm], times[baseline]))
-    middle = len(ratios) // 2
-    return ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+    return statistics.median(b / a for a, b in zip(times[arm], times[baseline]))
 
 
 def print_throughput(best: dict[str, float], rows_tokens: int, baseline: str) -> None:
