@@ -82,7 +82,8 @@ class _Plan:
         self.entered = entered
         self.tl_forward = type(component).forward
         around = type(component) in _AROUND_TYPES
-        own = (component.hook_in, component.hook_out) if around else ()
+        self.hook_in, self.hook_out = component.hook_in, component.hook_out
+        own = (self.hook_in, self.hook_out) if around else ()
         projections = _projection_points(component)
         inner = [
             m
@@ -110,18 +111,20 @@ class _Plan:
             for hooks in (m._forward_pre_hooks, m._forward_hooks)
         )
         self.tl_module_hooks = sum(map(len, self.module_hooks))
-        self.route, self.stamp = _TL, None
+        self.watched = (*self.inner, *self.own, *self.projections, *self.module_hooks)
+        self.route, self.stamp, self.held = _TL, None, ()
 
     def _route(self) -> int:
         """``_DIRECT``, ``_AROUND``, ``_BRIDGED``, ``_NESTED`` or ``_TL`` for this call, from
         the hook dictionaries.
 
-        Every hook registration in torch takes a new id from ``RemovableHandle.next_id``: while
-        it stands still nothing can have been hooked, so a component found clean stays clean
-        without looking again (a removal only ever makes a component cleaner).
+        Every hook registration in torch takes a new id from ``RemovableHandle.next_id``, and a
+        removal only shrinks a dictionary. So while ``next_id`` stands still and every dictionary
+        that held hooks at the last look holds as many, nothing inside the component has changed
+        and its route stands, without looking at the other dictionaries again.
         """
         stamp = getattr(RemovableHandle, "next_id", None)
-        if stamp is None or stamp != self.stamp or self.route != _DIRECT:
+        if stamp is None or stamp != self.stamp or not self._unchanged():
             by_hand = sum(map(len, self.module_hooks)) != self.tl_module_hooks
             inside = any(self.inner) or by_hand
             own, projections = any(self.own), any(self.projections)
@@ -135,7 +138,11 @@ class _Plan:
             else:
                 self.route = _AROUND if own else _DIRECT
             self.stamp = stamp
+            self.held = tuple((hooks, len(hooks)) for hooks in self.watched if hooks)
         return self.route
+
+    def _unchanged(self) -> bool:
+        return all(len(hooks) == count for hooks, count in self.held)
 
     def _hooked_children(self) -> frozenset[str]:
         return frozenset(name for name, _, dicts in self.children if any(dicts))
@@ -194,7 +201,7 @@ class _Plan:
     def _around(self, module: nn.Module, *args, **kwargs):
         """``module`` between the component's own ``hook_in`` (on the hidden states it is given)
         and ``hook_out`` (on its first output), where TransformerLens fires them."""
-        hook_in, hook_out = self.component.hook_in, self.component.hook_out
+        hook_in, hook_out = self.hook_in, self.hook_out
         if args:
             args = (hook_in(args[0]), *args[1:])
         else:

@@ -22,7 +22,9 @@ protection of the first ``protect_first`` positions the model sees in that row. 
 switches noise off during the prompt's prefill. The periodic cold shower is the engine's
 ``generate(..., clean_every=t)``: every t tokens the recent cache entries are recomputed with
 every intervention off. The hooks never read the device on the host: which columns are perturbed
-is computed once per step, as each column's peak angle (0 where it is protected).
+is computed once per step, as each column's peak angle (0 where it is protected), and each row
+draws a step's noise for all the noisy layers of a site in one go (in runs of layers where
+all of them would exceed :data:`_POOLED` numbers), so a hook only rotates.
 
 Example:
     >>> drugs = Drugs(sites=["H"], dose=0.1, profile=peak_profile(0.4, 0.2))
@@ -54,6 +56,7 @@ _HOOKS = {
     "V": kv_hook_name("{layer}", "v_cached"),
     "A": "blocks.{layer}.attn.hook_z",
 }
+_POOLED = 1 << 20  # most numbers a row draws at once for one site (4 MiB in fp32)
 
 
 @dataclass
@@ -137,71 +140,86 @@ class Drugs(Intervention):
         if self._doses is None or len(self._doses) != batch:
             self._doses = torch.tensor(doses, device=context.positions.device)
             self._dosed = any(dose > 0 for dose in doses)
-        self._angle_scales: dict[tuple[float, bool], Tensor] = {}
+        self._angle_scales: dict[bool, Tensor] = {}
+        self._noise: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
 
-    def _angle_scale(self, ratio: float, full_set: bool) -> Tensor:
-        """Each column's peak angle at a layer of this ``ratio``, ``[batch, columns]``: the row's
-        dose times ``ratio`` where the column is perturbed (past the sinks), 0 elsewhere, for the
-        new tokens or the full key/value set. Computed once per step on the device (it is the
-        same at every layer of that ratio) and never read on the host. An angle of 0 leaves a
-        vector exactly as it was, so no mask is applied afterwards."""
-        key = (ratio, full_set)
-        if key not in self._angle_scales:
+    def _angle_scale(self, full_set: bool) -> Tensor:
+        """Each column's peak angle at a layer of ratio 1, ``[batch, columns]``: the row's dose
+        where the column is perturbed (past the sinks), 0 elsewhere, for the new tokens or the
+        full key/value set. Computed once per step on the device and never read on the host. An
+        angle of 0 leaves a vector exactly as it was, so no mask is applied afterwards."""
+        if full_set not in self._angle_scales:
             context = self.context
             position_ids = context.key_position_ids if full_set else context.position_ids
-            peak = self._doses[:, None] * ratio
-            self._angle_scales[key] = peak * (position_ids >= self.config.protect_first)
-        return self._angle_scales[key]
+            perturbed = position_ids >= self.config.protect_first
+            self._angle_scales[full_set] = self._doses[:, None] * perturbed
+        return self._angle_scales[full_set]
 
-    def _draw(self, per_row: int, d: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """Every row's angle fractions ``[batch, per_row]`` and directions
-        ``[batch * per_row, d]``, each row from its own generator (``faithful`` draws both in
-        one call: a CPU generator gives the same numbers as two calls in a row)."""
+    def _step_noise(self, site: Site, index: int, activation: Tensor) -> tuple[Tensor, Tensor]:
+        """This step's angles ``[vectors]`` and directions ``[vectors, d]`` for the ``index``-th
+        noisy layer of ``site``.
+
+        Drawn once per step for a run of consecutive noisy layers (all of them, unless that would
+        hold more than :data:`_POOLED` numbers a row), every row from its own generator, and the
+        angles scaled in the same few kernels: a hook then only picks its layer's slice.
+        """
+        d = activation.shape[-1]
+        vectors = math.prod(activation.shape[1:-1])  # columns x heads, per row
+        run = max(1, min(len(self._ratios), _POOLED // max(1, vectors * (d + 1))))
+        key = (site, activation.shape, index // run)
+        if key not in self._noise:
+            first = index - index % run
+            ratios = self._ratios[first : first + run]
+            self._noise[key] = self._draw(ratios, vectors, activation, full_set=site in "KV")
+        return self._noise[key][index % run]
+
+    def _draw(
+        self, ratios: Tensor, vectors: int, like: Tensor, full_set: bool
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Angles ``[batch * vectors]`` and directions ``[batch * vectors, d]`` for each layer
+        of these ``ratios``."""
+        layers, d = len(ratios), like.shape[-1]
         draw = dict(device=like.device, dtype=like.dtype)
-        thetas, directions = [], []
+        fractions, directions = [], []
         for generator in self._row_generators:
-            if self.config.direction == "faithful":
-                both = torch.rand(per_row * (d + 1), generator=generator, **draw)
-                thetas.append(both[:per_row])
-                directions.append(both[per_row:].view(per_row, d))
-                continue
-            thetas.append(torch.rand(per_row, generator=generator, **draw))
+            fractions.append(torch.rand((layers, vectors), generator=generator, **draw))
             directions.append(
-                draw_directions((per_row, d), self.config.direction, generator, **draw)
+                draw_directions((layers, vectors, d), self.config.direction, generator, **draw)
             )
-        if len(thetas) == 1:  # one row: no copies
-            return thetas[0][None], directions[0]
-        return torch.stack(thetas), torch.cat(directions)
+        scale = self._angle_scale(full_set)
+        peak = ratios.to(like)[:, None, None, None] * scale[..., None]
+        angles = _by_layer(fractions).view(layers, *scale.shape, -1) * peak
+        directions = _by_layer(directions).view(layers, -1, d)
+        return list(zip(angles.view(layers, -1).unbind(), directions.unbind()))
 
     def hooks(self, model):
         n_layers = int(model.cfg.n_layers)
-        ratios = self.layer_angles(n_layers)
-        specs = []
-        for layer, ratio in enumerate(ratios):
-            if ratio == 0.0:
-                continue
-            for site in self.config.sites:
-                name = _HOOKS[site].format(layer=layer)
-                specs.append((name, self._make_hook(ratio, full_set=site in ("K", "V"))))
-        return specs
+        noisy = [(layer, ratio) for layer, ratio in enumerate(self.layer_angles(n_layers)) if ratio]
+        self._ratios = torch.tensor([ratio for _, ratio in noisy], dtype=torch.float64)
+        return [
+            (_HOOKS[site].format(layer=layer), self._make_hook(site, index))
+            for index, (layer, _) in enumerate(noisy)
+            for site in self.config.sites
+        ]
 
-    def _make_hook(self, ratio: float, full_set: bool):
+    def _make_hook(self, site: Site, index: int):
         def perturb(activation, hook):
             context = self.context
             if context is None or not self._dosed:
                 return None
             if self.config.protect_inputs and context.phase == "prefill":
                 return None
+            # Every row draws for every one of its vectors, perturbed or not: no count is read
+            # on the host, and a row's noise depends on its own seed and the forward's width,
+            # not on the other rows. The rotation runs once over the batch; vectors that are
+            # not perturbed get an angle of 0, which leaves them as they were.
+            angles, directions = self._step_noise(site, index, activation)
             d = activation.shape[-1]
-            per_row = activation[0].numel() // d  # columns x heads vectors
-            # Each row draws from its own generator for every one of its vectors, perturbed or
-            # not: no count is read on the host, and a row's noise depends on its own seed and
-            # the forward's width, not on the other rows. The rotation runs once over the batch;
-            # vectors that are not perturbed get an angle of 0, which leaves them as they were.
-            thetas, directions = self._draw(per_row, d, activation)
-            scale = self._angle_scale(ratio, full_set)
-            angles = thetas.view(*scale.shape, -1) * scale[..., None]
-            rotated = rotate(activation.reshape(-1, d), angles.reshape(-1), directions)
-            return rotated.view(activation.shape)
+            return rotate(activation.reshape(-1, d), angles, directions).view(activation.shape)
 
         return perturb
+
+
+def _by_layer(rows: list[Tensor]) -> Tensor:
+    """Per-row draws ``[layers, ...]`` stacked to ``[layers, batch, ...]`` (one row: no copy)."""
+    return rows[0][:, None] if len(rows) == 1 else torch.stack(rows, 1)

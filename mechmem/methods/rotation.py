@@ -25,7 +25,7 @@ from torch import Tensor
 
 Direction = Literal["faithful", "isotropic"]
 _EPS = 1e-12
-_PARALLEL = 1e-6  # ‖o‖² / ‖r‖² below this: r is within 0.06° of ±x
+_PARALLEL = 1e-6  # sin² of the angle between x and r below this: r is within 0.06° of ±x
 
 
 def draw_directions(
@@ -54,16 +54,17 @@ def rotate(
         >>> rotate(torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3)).tolist()
         [[0.0, 0.0, 0.0]]
     """
-    # x' = a·x + b·r with per-vector scalars from three dot products (o = r − (r·x / x·x)·x,
-    # ‖o‖² = r·r − (r·x)² / x·x): a handful of kernels over the vectors instead of a dozen.
-    xx = (x * x).sum(-1, keepdim=True)
-    rx = (r * x).sum(-1, keepdim=True)
-    rr = (r * r).sum(-1, keepdim=True)
-    projection = rx / xx.clamp_min(_EPS)
-    o_squared = (rr - rx * projection).clamp_min(0.0)
-    theta = theta[..., None].to(x.dtype)
-    b = xx.sqrt() * theta.sin() * o_squared.clamp_min(_EPS).rsqrt()
-    a = theta.cos() - b * projection
-    # zero vectors and draws (nearly) parallel to x stay as they are
-    valid = (xx > 0) & (o_squared > _PARALLEL * rr)
-    return torch.where(valid, torch.addcmul(a * x, b, r), x)
+    # x' = a·x + b·r. With c = cos(x, r) and sin φ = √(1 − c²): ‖o‖ = ‖r‖ sin φ, so
+    # a = cos θ − c sin θ / sin φ and b = (‖x‖ / ‖r‖) sin θ / sin φ: two norms and one dot product,
+    # then a dozen small kernels over the vectors.
+    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    c = (x * r).sum(-1, keepdim=True) / (x_norm * r_norm).clamp_min(_EPS)
+    sin_phi_squared = 1 - c * c
+    # zero vectors (c = 0) come back as a·0 = 0; a draw (nearly) parallel to x gets θ = 0, which
+    # leaves x exactly as it was (a = 1, b = 0)
+    theta = theta if theta.dtype == x.dtype else theta.to(x.dtype)
+    theta = theta.unsqueeze(-1) * (sin_phi_squared > _PARALLEL)
+    k = theta.sin() * sin_phi_squared.clamp_min(_PARALLEL).rsqrt()
+    a = torch.addcmul(theta.cos(), k, c, value=-1)
+    return torch.addcmul(a * x, k * x_norm / r_norm.clamp_min(_EPS), r)

@@ -12,6 +12,7 @@ import mechmem
 from mechmem.core.config import Config
 from mechmem.core.intervention import Intervention
 from mechmem.core.kv_cache import kv_hook_name
+from mechmem.methods import drugs as drugs_module
 from mechmem.methods.depth_profile import peak_profile, profile_ratio
 from mechmem.methods.drugs import SITES, Drugs
 from mechmem.methods.rotation import draw_directions, rotate
@@ -125,6 +126,18 @@ def test_batched_dose_sweep_matches_each_dose_alone(model, site):
     alone = [_run(model, [Drugs(sites=[site], dose=d, seed=3)]).tokens[0] for d in doses]
     assert sweep.tokens == alone
     assert len({tuple(t) for t in alone}) > 1  # the doses really produce different outputs
+
+
+@pytest.mark.parametrize("pooled", [drugs_module._POOLED, 1])
+def test_rows_stay_their_own_whether_layers_draw_together_or_alone(llama, monkeypatch, pooled):
+    # By default a step draws every noisy layer's noise at once; _POOLED = 1 draws layer by layer.
+    monkeypatch.setattr(drugs_module, "_POOLED", pooled)
+    doses = [0.0, 0.5, 1.5]
+    sweep = Drugs(sites=["H", "K"], row_doses=doses, seed=3)
+    batched = _run(llama, [sweep], prompts=[PROMPT] * 3)
+    alone = [_run(llama, [Drugs(sites=["H", "K"], dose=d, seed=3)]).tokens[0] for d in doses]
+    assert batched.tokens == alone
+    assert len({tuple(t) for t in alone}) > 1
 
 
 @dataclass

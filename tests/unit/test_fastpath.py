@@ -162,6 +162,27 @@ def test_hooks_added_by_hand_are_seen_at_call_time(pair, how):
     assert not torch.allclose(run(fast), fast(tokens))
 
 
+def test_a_route_follows_hooks_removed_since_the_last_call(pair):
+    # Removing a hook takes no new registration id: the cached route must still notice it.
+    fast, _ = pair("llama")
+    plan = fast.blocks[LAYER].__dict__[fastpath._PLAN]
+    point = fast.hook_dict[f"blocks.{LAYER}.attn.hook_in"]
+    tokens = torch.tensor([[5, 70, 80]])
+    first = point.register_forward_hook(lambda *args: None)
+    second = point.register_forward_hook(lambda *args: None)
+    try:
+        fast(tokens)
+        assert plan.route == fastpath._NESTED
+        first.remove()
+        fast(tokens)
+        assert plan.route == fastpath._NESTED
+    finally:
+        first.remove()
+        second.remove()
+    fast(tokens)
+    assert plan.route == fastpath._DIRECT
+
+
 def test_a_torch_hook_on_a_component_inside_a_block_still_fires(pair):
     fast, _ = pair("llama")
     calls = []
