@@ -44,7 +44,7 @@ from mechmem.core.config import Config, require
 from mechmem.core.intervention import Intervention
 from mechmem.core.kv_cache import kv_hook_name
 from mechmem.methods.depth_profile import Interpolation, check_profile, profile_ratio
-from mechmem.methods.rotation import Direction, draw_directions, rotate
+from mechmem.methods.rotation import Direction, Rotation, draw_directions, prepare, rotate_prepared
 from mechmem.methods.rows import per_row, row_generators
 
 Site = Literal["H", "Q", "K", "V", "A"]
@@ -141,7 +141,7 @@ class Drugs(Intervention):
             self._doses = torch.tensor(doses, device=context.positions.device)
             self._dosed = any(dose > 0 for dose in doses)
         self._angle_scales: dict[bool, Tensor] = {}
-        self._noise: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        self._noise: dict[tuple, list[Rotation]] = {}
 
     def _angle_scale(self, full_set: bool) -> Tensor:
         """Each column's peak angle at a layer of ratio 1, ``[batch, columns]``: the row's dose
@@ -155,13 +155,13 @@ class Drugs(Intervention):
             self._angle_scales[full_set] = self._doses[:, None] * perturbed
         return self._angle_scales[full_set]
 
-    def _step_noise(self, site: Site, index: int, activation: Tensor) -> tuple[Tensor, Tensor]:
-        """This step's angles ``[vectors]`` and directions ``[vectors, d]`` for the ``index``-th
+    def _step_noise(self, site: Site, index: int, activation: Tensor) -> Rotation:
+        """This step's rotation of every vector (``[batch * vectors, ...]``) for the ``index``-th
         noisy layer of ``site``.
 
         Drawn once per step for a run of consecutive noisy layers (all of them, unless that would
         hold more than :data:`_POOLED` numbers a row), every row from its own generator, and the
-        angles scaled in the same few kernels: a hook then only picks its layer's slice.
+        rotation prepared in the same few kernels: a hook then only picks its layer's slice.
         """
         d = activation.shape[-1]
         vectors = math.prod(activation.shape[1:-1])  # columns x heads, per row
@@ -173,11 +173,8 @@ class Drugs(Intervention):
             self._noise[key] = self._draw(ratios, vectors, activation, full_set=site in "KV")
         return self._noise[key][index % run]
 
-    def _draw(
-        self, ratios: Tensor, vectors: int, like: Tensor, full_set: bool
-    ) -> list[tuple[Tensor, Tensor]]:
-        """Angles ``[batch * vectors]`` and directions ``[batch * vectors, d]`` for each layer
-        of these ``ratios``."""
+    def _draw(self, ratios: Tensor, vectors: int, like: Tensor, full_set: bool) -> list[Rotation]:
+        """The rotation of ``[batch * vectors]`` vectors for each layer of these ``ratios``."""
         layers, d = len(ratios), like.shape[-1]
         draw = dict(device=like.device, dtype=like.dtype)
         fractions, directions = [], []
@@ -189,8 +186,8 @@ class Drugs(Intervention):
         scale = self._angle_scale(full_set)
         peak = ratios.to(like)[:, None, None, None] * scale[..., None]
         angles = _by_layer(fractions).view(layers, *scale.shape, -1) * peak
-        directions = _by_layer(directions).view(layers, -1, d)
-        return list(zip(angles.view(layers, -1).unbind(), directions.unbind()))
+        rotation = prepare(angles.view(layers, -1), _by_layer(directions).view(layers, -1, d))
+        return [Rotation(*fields) for fields in zip(*(field.unbind() for field in rotation))]
 
     def hooks(self, model):
         n_layers = int(model.cfg.n_layers)
@@ -213,9 +210,9 @@ class Drugs(Intervention):
             # on the host, and a row's noise depends on its own seed and the forward's width,
             # not on the other rows. The rotation runs once over the batch; vectors that are
             # not perturbed get an angle of 0, which leaves them as they were.
-            angles, directions = self._step_noise(site, index, activation)
-            d = activation.shape[-1]
-            return rotate(activation.reshape(-1, d), angles, directions).view(activation.shape)
+            rotation = self._step_noise(site, index, activation)
+            vectors = activation.reshape(-1, activation.shape[-1])
+            return rotate_prepared(vectors, rotation).view(activation.shape)
 
         return perturb
 

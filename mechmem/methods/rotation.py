@@ -8,6 +8,9 @@ exactly θ (for θ in [0, π]). Zero vectors, and draws parallel to x (‖o‖ �
 orthant, so the rotation directions are correlated across vectors (mean pairwise cosine ≈ 0.74 in
 high dimension). ``isotropic`` directions draw r from N(0, I) and are uncorrelated.
 
+:func:`prepare` does the part that depends only on θ and r (sin θ, cos θ, 1 / ‖r‖), so a caller
+that draws ahead, as DRµGS does once per step for all its layers, pays for it once.
+
 Example:
     >>> x = torch.tensor([[3.0, 4.0]])
     >>> y = rotate(x, torch.tensor([0.5]), torch.tensor([[1.0, 0.0]]))
@@ -17,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -45,6 +48,29 @@ def draw_directions(
     raise ValueError(f"direction: must be 'faithful' or 'isotropic', got {mode!r}")
 
 
+class Rotation(NamedTuple):
+    """Angles and draws made ready once, to rotate by later (:func:`prepare`): sin θ and cos θ
+    ``[..., 1]``, the draws r ``[..., d]`` and 1 / ‖r‖ ``[..., 1]``. Indexing each field alike
+    (``Rotation(*(f[i] for f in rotation))``) keeps it a rotation."""
+
+    sin: Tensor
+    cos: Tensor
+    r: Tensor
+    inverse_r_norm: Tensor
+
+
+def prepare(theta: Float[Tensor, "*n"], r: Float[Tensor, "*n d"]) -> Rotation:
+    """The part of a rotation that does not depend on the vectors rotated.
+
+    Example:
+        >>> prepare(torch.zeros(2), torch.ones(2, 3)).cos.tolist()
+        [[1.0], [1.0]]
+    """
+    theta = theta.unsqueeze(-1)
+    r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    return Rotation(theta.sin(), theta.cos(), r, r_norm.clamp_min(_EPS).reciprocal())
+
+
 def rotate(
     x: Float[Tensor, "n d"], theta: Float[Tensor, " n"], r: Float[Tensor, "n d"]
 ) -> Float[Tensor, "n d"]:
@@ -54,17 +80,25 @@ def rotate(
         >>> rotate(torch.zeros(1, 3), torch.ones(1), torch.ones(1, 3)).tolist()
         [[0.0, 0.0, 0.0]]
     """
+    return rotate_prepared(x, prepare(theta.to(x.dtype), r))
+
+
+def rotate_prepared(x: Float[Tensor, "n d"], rotation: Rotation) -> Float[Tensor, "n d"]:
+    """:func:`rotate` with the angles and draws prepared beforehand (:func:`prepare`).
+
+    Example:
+        >>> rotate_prepared(torch.ones(1, 2), prepare(torch.zeros(1), torch.ones(1, 2))).tolist()
+        [[1.0, 1.0]]
+    """
     # x' = a·x + b·r. With c = cos(x, r) and sin φ = √(1 − c²): ‖o‖ = ‖r‖ sin φ, so
-    # a = cos θ − c sin θ / sin φ and b = (‖x‖ / ‖r‖) sin θ / sin φ: two norms and one dot product,
-    # then a dozen small kernels over the vectors.
+    # a = cos θ − c sin θ / sin φ and b = (‖x‖ / ‖r‖) sin θ / sin φ: one norm and one dot
+    # product, then a dozen small kernels over the vectors.
+    sin, cos, r, inverse_r_norm = rotation
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-    c = (x * r).sum(-1, keepdim=True) / (x_norm * r_norm).clamp_min(_EPS)
+    c = (x * r).sum(-1, keepdim=True) * inverse_r_norm / x_norm.clamp_min(_EPS)
     sin_phi_squared = 1 - c * c
-    # zero vectors (c = 0) come back as a·0 = 0; a draw (nearly) parallel to x gets θ = 0, which
-    # leaves x exactly as it was (a = 1, b = 0)
-    theta = theta if theta.dtype == x.dtype else theta.to(x.dtype)
-    theta = theta.unsqueeze(-1) * (sin_phi_squared > _PARALLEL)
-    k = theta.sin() * sin_phi_squared.clamp_min(_PARALLEL).rsqrt()
-    a = torch.addcmul(theta.cos(), k, c, value=-1)
-    return torch.addcmul(a * x, k * x_norm / r_norm.clamp_min(_EPS), r)
+    k = sin * sin_phi_squared.clamp_min(_PARALLEL).rsqrt()
+    a = torch.addcmul(cos, k, c, value=-1)
+    rotated = torch.addcmul(a * x, k * x_norm * inverse_r_norm, r)
+    # a zero vector (c = 0) comes back as a·0 = 0; a draw (nearly) parallel to x leaves x as it was
+    return torch.where(sin_phi_squared > _PARALLEL, rotated, x)
