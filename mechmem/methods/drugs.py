@@ -170,7 +170,7 @@ class Drugs(Intervention):
         if key not in self._noise:
             first = index - index % run
             ratios = self._ratios[first : first + run]
-            self._noise[key] = self._draw(ratios, vectors, activation, full_set=site in "KV")
+            self._noise[key] = self._draw(ratios, vectors, activation, full_set=site in ("K", "V"))
         return self._noise[key][index % run]
 
     def _draw(self, ratios: Tensor, vectors: int, like: Tensor, full_set: bool) -> list[Rotation]:
