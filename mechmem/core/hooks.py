@@ -33,8 +33,11 @@ _GATED = {
 }
 
 
-def resolve_hook_point(model, name: str) -> HookPoint:
+def resolve_hook_point(model, name: str, hook_dict: dict | None = None) -> HookPoint:
     """The HookPoint behind ``name`` on ``model``, or a ``ValueError`` that says what exists.
+
+    ``hook_dict`` is ``model.hook_dict`` when the caller already has it (the bridge builds that
+    dictionary anew at each access, about 0.3 ms on SmolLM2-135M).
 
     Example:
         >>> resolve_hook_point(model, "blocks.0.hook_resid_pre").name  # doctest: +SKIP
@@ -52,9 +55,10 @@ def resolve_hook_point(model, name: str) -> HookPoint:
     extra = kv_hook_points(model).points
     if name in extra:
         return extra[name]
-    point = model.hook_dict.get(name)
+    hook_dict = model.hook_dict if hook_dict is None else hook_dict
+    point = hook_dict.get(name)
     if point is None:
-        close = difflib.get_close_matches(name, [*model.hook_dict, *extra], n=3, cutoff=0.6)
+        close = difflib.get_close_matches(name, [*hook_dict, *extra], n=3, cutoff=0.6)
         hint = f"; did you mean {close}?" if close else ""
         raise ValueError(f"hook {name!r} does not exist on this model{hint}")
     suffix = name.rsplit(".", 1)[-1]
@@ -75,12 +79,12 @@ def validate_hooks(model, hooks: Sequence[HookSpec]) -> list[tuple[HookPoint, Ho
     Example:
         >>> validate_hooks(model, [("hook_embed", print)])  # doctest: +SKIP
     """
-    resolved = []
+    hooks = list(hooks)
     for spec in hooks:
         if not (isinstance(spec, tuple) and len(spec) == 2 and callable(spec[1])):
             raise ValueError(f"a hook must be a (name, function) pair, got {spec!r}")
-        resolved.append((resolve_hook_point(model, spec[0]), spec[1]))
-    return resolved
+    hook_dict = model.hook_dict if hooks else {}
+    return [(resolve_hook_point(model, name, hook_dict), fn) for name, fn in hooks]
 
 
 @contextmanager

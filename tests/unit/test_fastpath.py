@@ -3,10 +3,12 @@ and wherever something is hooked the results equal TransformerLens' own path."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
+from transformer_lens.model_bridge.generalized_components import base as tl_base
 from transformer_lens.model_bridge.generalized_components.linear import LinearBridge
 
 import mechmem
@@ -192,6 +194,42 @@ def test_a_torch_hook_on_a_component_inside_a_block_still_fires(pair):
     finally:
         handle.remove()
     assert calls == [1]
+
+
+@pytest.fixture
+def alignments(monkeypatch):
+    """The modules TransformerLens' ``__call__`` enters accelerate's ``align_module_device`` for."""
+    entered = []
+
+    @contextlib.contextmanager
+    def counted(module, execution_device=None):
+        entered.append(module)
+        yield
+
+    monkeypatch.setattr(tl_base, "align_module_device", counted)
+    return entered
+
+
+def test_components_on_the_fast_path_skip_device_alignment(pair, alignments):
+    fast, slow = pair("llama")
+    tokens = torch.tensor([[5, 70, 80]])
+    slow(tokens)
+    assert any(m is slow.blocks[LAYER].original_component for m in alignments)
+    alignments.clear()
+    fast(tokens)
+    planned = {id(m.original_component) for m in fast.modules() if fastpath._PLAN in m.__dict__}
+    assert planned and not planned & set(map(id, alignments))
+
+
+def test_a_component_hooked_by_accelerate_is_still_aligned(pair, alignments):
+    fast, _ = pair("llama")
+    layer = fast.blocks[LAYER].original_component
+    layer.__dict__["_hf_hook"] = object()  # where accelerate's add_hook_to_module puts its hook
+    try:
+        fast(torch.tensor([[5, 70, 80]]))
+    finally:
+        del layer.__dict__["_hf_hook"]
+    assert any(m is layer for m in alignments)
 
 
 def test_an_untested_transformer_lens_version_warns_once_and_falls_back(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 import mechmem
 from mechmem.core.basic import IdentityConfig, SteerConfig
 from mechmem.core.config import Config, require
+from mechmem.core.hooks import validate_hooks
 from mechmem.core.intervention import Intervention, intervention_from_dict
 
 PROMPT = [5, 17, 42, 99, 3]
@@ -145,6 +146,17 @@ def test_gated_hook_says_how_to_switch_it_on(model, monkeypatch):
                 max_new_tokens=2,
             )
         assert calls == {"forward": 0, "embed": 0}
+
+
+def test_hooks_are_resolved_from_one_read_of_the_hook_dictionary(model, monkeypatch):
+    # The bridge rebuilds hook_dict at every access; resolving must not pay that once per hook.
+    reads = []
+    built = type(model).hook_dict.fget
+    monkeypatch.setattr(
+        type(model), "hook_dict", property(lambda self: reads.append(1) or built(self))
+    )
+    resolved = validate_hooks(model, mechmem.Identity(layers=[0, 1]).hooks(model))
+    assert len(resolved) == 2 and len(reads) == 1
 
 
 # --------------------------------------------------------------------------------------------
