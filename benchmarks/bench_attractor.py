@@ -14,9 +14,15 @@ layer). The original reports ~6.5% overhead; the bar here is <= 5% for the conse
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import add_model_args, best_times, model_from_args, print_throughput
+from common import (
+    add_clock_arg,
+    add_model_args,
+    best_times,
+    clock_from_args,
+    model_from_args,
+    print_throughput,
+)
 
 import mechmem
 from mechmem.methods.attractor import Attractor, preset_layers
@@ -43,9 +49,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument(
-        "--cpu-time", action="store_true", help="time with process CPU time (a loaded machine)"
-    )
+    add_clock_arg(parser)
     add_model_args(parser)
     args = parser.parse_args()
     model = model_from_args(args)
@@ -65,12 +69,12 @@ def main() -> None:
             model, prompts, make(), max_new_tokens=args.tokens, stop_at_eos=False
         )
 
-    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock, clock_name = clock_from_args(args)
     best = best_times({name: run(make) for name, make in arms.items()}, args.repeats, clock)
     print(
         f"model {model.cfg.architecture}, batch {args.batch}, {args.tokens} tokens, "
         f"device {model.cfg.device}, conservative layers {layers}, "
-        f"{'CPU' if args.cpu_time else 'wall'} time"
+        f"{clock_name} time"
     )
     print_throughput(best, args.batch * args.tokens, "no intervention")
     print("bar: conservative (either order) >= 0.95x the engine without it (original: ~6.5% cost)")

@@ -12,9 +12,16 @@ the same run (interleaved rounds, best round per arm).
 from __future__ import annotations
 
 import argparse
-import time
 
-from common import add_model_args, model_from_args, paired_ratio, round_times, untouched_hf
+from common import (
+    add_clock_arg,
+    add_model_args,
+    clock_from_args,
+    model_from_args,
+    paired_ratio,
+    round_times,
+    untouched_hf,
+)
 
 import mechmem
 from mechmem.core.tokens import encode_batch
@@ -33,9 +40,7 @@ def main() -> None:
     parser.add_argument(
         "--no-fast", action="store_true", help="mechmem without its fast path (TL's own path)"
     )
-    parser.add_argument(
-        "--cpu-time", action="store_true", help="time with process CPU time (a noisy machine)"
-    )
+    add_clock_arg(parser)
     add_model_args(parser)
     args = parser.parse_args()
 
@@ -71,7 +76,7 @@ def main() -> None:
 
     timed = {"HF eager (untouched)": hf_generate}
     timed.update({name: run(items) for name, items in arms.items()})
-    clock = time.process_time if args.cpu_time else time.perf_counter
+    clock, clock_name = clock_from_args(args)
     times = round_times(timed, args.repeats, clock)
     rates = {name: args.batch * args.tokens / min(seconds) for name, seconds in times.items()}
     base, hf_rate = rates["no intervention"], rates["HF eager (untouched)"]
@@ -79,7 +84,7 @@ def main() -> None:
     print(
         f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
         f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds, "
-        f"{'CPU' if args.cpu_time else 'wall'} time"
+        f"{clock_name} time"
     )
     print("best: each arm's best round; paired: median over rounds of the same round's ratio")
     print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'vs HF':>7}")

@@ -16,6 +16,7 @@ mechmem (fast path on) are checked against HF eager's (up to each row's first EO
 ``min_new_tokens`` masks out).
 
     python benchmarks/bench_generate.py                # embedded SmolLM2-135M, CPU
+    python benchmarks/bench_generate.py --cpu-time     # process CPU time (a loaded machine)
     python benchmarks/bench_generate.py --tiny llama   # random tiny model (smoke run)
 """
 
@@ -24,7 +25,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import add_model_args, model_from_args, paired_ratio, round_times, untouched_hf
+from common import (
+    add_clock_arg,
+    add_model_args,
+    clock_from_args,
+    model_from_args,
+    paired_ratio,
+    round_times,
+    untouched_hf,
+)
 
 import mechmem
 from mechmem.core.tokens import encode_batch, encode_prompts, eos_token_ids, hf_tokenizer
@@ -110,20 +119,26 @@ def main() -> None:
     parser.add_argument(
         "--attn", nargs="+", default=["eager", "sdpa"], help="HF baselines' attention"
     )
+    add_clock_arg(parser)
     add_model_args(parser)
     args = parser.parse_args()
+    clock, clock_name = clock_from_args(args)
 
     models = (model_from_args(args, fast=True), model_from_args(args, fast=False))
     hfs = [(impl, untouched_hf(args, impl)) for impl in args.attn]
     cfg = models[0].cfg
     print(f"model: {cfg.architecture}, {cfg.n_layers} layers, device {cfg.device}")
-    print(f"torch threads: {torch.get_num_threads()}, new tokens per row: {args.tokens}")
+    print(
+        f"torch threads: {torch.get_num_threads()}, new tokens per row: {args.tokens}, "
+        f"{clock_name} time"
+    )
 
     rates: dict[tuple[int, str], float] = {}
     paired: dict[tuple[int, str], float] = {}
     baselines = [f"HF {impl}" for impl in args.attn]
     for batch in args.batches:
-        times = round_times(_arms(models, hfs, batch, args.tokens, args.hook_layers), args.repeats)
+        arms = _arms(models, hfs, batch, args.tokens, args.hook_layers)
+        times = round_times(arms, args.repeats, clock)
         for name, seconds in times.items():
             rates[batch, name] = batch * args.tokens / min(seconds)
             paired[batch, name] = paired_ratio(times, name, baselines[0])

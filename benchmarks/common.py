@@ -8,6 +8,7 @@ TransformerLens too, so it is no baseline).
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="random weights of SmolLM2-135M's shape (no download; for GPU machines)",
     )
     parser.add_argument("--device", default=None)
+
+
+def add_clock_arg(parser: argparse.ArgumentParser) -> None:
+    """``--cpu-time``: time with this process's CPU time instead of the wall clock."""
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with process CPU time (steadier on a machine other jobs load)",
+    )
+
+
+def clock_from_args(args: argparse.Namespace) -> tuple[Callable[[], float], str]:
+    """The clock ``--cpu-time`` asks for, and its name for the printout.
+
+    Example:
+        >>> clock_from_args(argparse.Namespace(cpu_time=True))[1]
+        'CPU'
+    """
+    return (time.process_time, "CPU") if args.cpu_time else (time.perf_counter, "wall")
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -61,18 +81,24 @@ def round_times(
     arms: dict[str, Callable[[], object]],
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Each arm's time (s) in each of ``repeats`` interleaved rounds, after one warm-up run of
-    every arm; interleaving spreads the machine's noise over all arms alike. Each round's times
-    are printed as they come (in the arms' order). ``clock=time.process_time`` counts this
-    process's CPU time instead (steadier on a machine other jobs load)."""
+    every arm; interleaving spreads the machine's noise over all arms alike. Each round runs the
+    arms in its own order (shuffled from ``seed``), so no arm always follows the same one (an arm
+    run right after another pays for the caches that one left behind). Each round's times are
+    printed as they come (in the arms' order). ``clock=time.process_time`` counts this process's
+    CPU time instead (steadier on a machine other jobs load)."""
     for run in arms.values():
         run()
     times: dict[str, list[float]] = {name: [] for name in arms}
+    order = list(arms)
+    shuffler = random.Random(seed)
     for round_ in range(repeats):
-        for name, run in arms.items():
+        shuffler.shuffle(order)
+        for name in order:
             start = clock()
-            run()
+            arms[name]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(clock() - start)
