@@ -18,6 +18,7 @@ from common import (
     add_model_args,
     clock_from_args,
     model_from_args,
+    paired_interval,
     paired_ratio,
     round_times,
     untouched_hf,
@@ -86,11 +87,20 @@ def main() -> None:
         f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds, "
         f"{clock_name} time"
     )
-    print("best: each arm's best round; paired: median over rounds of the same round's ratio")
-    print(f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'vs HF':>7}")
+    print(
+        "best: each arm's best round; paired: median over rounds of the same round's ratio, "
+        "with its 95% bootstrap interval"
+    )
+    print(
+        f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'95% interval':>13} {'vs HF':>7}"
+    )
     for name, rate in rates.items():
         paired = paired_ratio(times, name, "no intervention")
-        print(f"{name:<28} {rate:8.2f} {rate / base:9.3f} {paired:7.3f} {rate / hf_rate:7.3f}")
+        low, high = paired_interval(times, name, "no intervention")
+        print(
+            f"{name:<28} {rate:8.2f} {rate / base:9.3f} {paired:7.3f} {low:6.3f}–{high:.3f}"
+            f" {rate / hf_rate:7.3f}"
+        )
     print("bar: DRµGS on one site over 10 layers >= 0.95x the engine without it")
 
 

@@ -30,6 +30,7 @@ from common import (
     add_model_args,
     clock_from_args,
     model_from_args,
+    paired_interval,
     paired_ratio,
     round_times,
     untouched_hf,
@@ -135,6 +136,7 @@ def main() -> None:
 
     rates: dict[tuple[int, str], float] = {}
     paired: dict[tuple[int, str], float] = {}
+    intervals: dict[tuple[int, str], tuple[float, float]] = {}
     baselines = [f"HF {impl}" for impl in args.attn]
     for batch in args.batches:
         arms = _arms(models, hfs, batch, args.tokens, args.hook_layers)
@@ -142,13 +144,21 @@ def main() -> None:
         for name, seconds in times.items():
             rates[batch, name] = batch * args.tokens / min(seconds)
             paired[batch, name] = paired_ratio(times, name, baselines[0])
+            intervals[batch, name] = paired_interval(times, name, baselines[0])
 
     header = "".join(f"  {'vs ' + b:>11}" for b in baselines)
-    print(f"\nratios of best rounds; 'paired': median over rounds of the ratio to {baselines[0]}")
-    print(f"{'batch':>5}  {'arm':<34} {'tok/s':>8}{header}  {'paired':>7}")
+    print(
+        f"\nratios of best rounds; 'paired': median over rounds of the ratio to {baselines[0]}, "
+        "with its 95% bootstrap interval"
+    )
+    print(f"{'batch':>5}  {'arm':<34} {'tok/s':>8}{header}  {'paired':>7}  {'95% interval':>13}")
     for (batch, name), rate in rates.items():
         ratios = "".join(f"  {rate / rates[batch, b]:11.3f}" for b in baselines)
-        print(f"{batch:>5}  {name:<34} {rate:8.2f}{ratios}  {paired[batch, name]:7.3f}")
+        low, high = intervals[batch, name]
+        print(
+            f"{batch:>5}  {name:<34} {rate:8.2f}{ratios}  {paired[batch, name]:7.3f}"
+            f"  {low:6.3f}–{high:.3f}"
+        )
     if "eager" in args.attn:
         print("\nbars (vs HF eager): mechmem (fast) >= 0.95, with identity hooks >= 0.9")
 

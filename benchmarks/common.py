@@ -127,6 +127,30 @@ def paired_ratio(times: dict[str, list[float]], arm: str, baseline: str) -> floa
     return statistics.median(b / a for a, b in zip(times[arm], times[baseline]))
 
 
+def paired_interval(
+    times: dict[str, list[float]],
+    arm: str,
+    baseline: str,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval (``level``) for :func:`paired_ratio`: the rounds are
+    resampled with replacement and the median of their ratios taken each time. Whether a bar
+    is met is read from the interval, not from one median.
+
+    Example:
+        >>> low, high = paired_interval({"b": [1.0] * 9, "a": [1.0] * 9}, "a", "b")
+        >>> (low, high)
+        (1.0, 1.0)
+    """
+    ratios = [b / a for a, b in zip(times[arm], times[baseline])]
+    draw = random.Random(seed).choices
+    medians = sorted(statistics.median(draw(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
 def print_throughput(best: dict[str, float], rows_tokens: int, baseline: str) -> None:
     """One line per arm: tokens/s from its best time and the ratio to ``baseline``'s.
 
