@@ -109,10 +109,12 @@ def tiny_model(
     seed: int = 0,
     device: str | None = "cpu",
     fast: bool | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> TransformerBridge:
     """A tiny random-weight ``TransformerBridge`` of ``architecture`` (3 layers, d_model 64).
 
-    ``fast`` is :func:`mechmem.load_model`'s switch (:mod:`mechmem.core.fastpath`).
+    ``fast`` is :func:`mechmem.load_model`'s switch (:mod:`mechmem.core.fastpath`); ``dtype`` the
+    weights' (the fp32 weights cast, so a seed gives the same model in every dtype, rounded).
 
     Example:
         >>> tiny_model("gpt_neox").cfg.d_model
@@ -120,7 +122,8 @@ def tiny_model(
     """
     from mechmem.models import bridge_from_hf
 
-    return bridge_from_hf(*tiny_hf_model(architecture, seed=seed), device=device, fast=fast)
+    hf_model, tokenizer = tiny_hf_model(architecture, seed=seed)
+    return bridge_from_hf(hf_model.to(dtype), tokenizer, device=device, fast=fast)
 
 
 def smollm2_shaped_hf_model(*, seed: int = 0):

@@ -183,7 +183,7 @@ class Drugs(Intervention):
             directions.append(
                 draw_directions((layers, vectors, d), self.config.direction, generator, **draw)
             )
-        scale = self._angle_scale(full_set)
+        scale = self._angle_scale(full_set).to(like.dtype)
         peak = ratios.to(like)[:, None, None, None] * scale[..., None]
         angles = _by_layer(fractions).view(layers, *scale.shape, -1) * peak
         rotation = prepare(angles.view(layers, -1), _by_layer(directions).view(layers, -1, d))

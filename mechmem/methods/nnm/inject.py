@@ -255,7 +255,8 @@ class ResidualInjection(Intervention):
             rows_vectors = table.expand(batch, -1)[rows].to(activation.dtype)
             scale = torch.tensor([gains[row] for row in rows], device=activation.device)
             out = activation.clone()
-            out[rows] = activation[rows] + (scale[:, None] * rows_vectors)[:, None, :]
+            added = activation[rows] + (scale[:, None] * rows_vectors)[:, None, :]
+            out[rows] = added.to(out.dtype)
             return out
 
         return [(f"blocks.{self.config.layer}.hook_resid_pre", add)]
