@@ -85,6 +85,35 @@ def test_round_trip_in_a_new_process_lock_and_reingest(tiny, fitted, tmp_path):
     assert reopened["points"] == points and reopened["added"] == []
 
 
+# A process that ingests into a folder and exits without closing its store.
+UNCLOSED = textwrap.dedent(
+    """
+    import json, sys
+    from mechmem.tiny import tiny_model
+    from mechmem.methods.nnm.store import MemoryStore
+    store = MemoryStore(tiny_model("llama"), path=sys.argv[1])
+    store.fit_transform(json.loads(sys.argv[2]))
+    print(json.dumps(store.ingest(json.loads(sys.argv[3]))["added"]))
+    """
+)
+
+
+def test_a_store_left_open_at_exit_closes_quietly_and_keeps_its_entries(tiny, tmp_path):
+    folder = tmp_path / "memory"
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", UNCLOSED, str(folder), json.dumps(HELD_OUT)]
+        + [json.dumps(CORPUS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert sorted(json.loads(done.stdout.strip().splitlines()[-1])) == sorted(CORPUS)
+    with MemoryStore(tiny("llama"), path=folder) as store:  # the folder's lock was released
+        assert store.count(entries=True) == len(CORPUS)
+
+
 def test_reingest_adds_nothing_and_reads_back(tiny, fitted):
     model = tiny("llama")
     with MemoryStore(model) as store:

@@ -45,6 +45,7 @@ import os
 import time
 import uuid
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -166,11 +167,14 @@ class MemoryStore:
         self.url = url
         self.location = str(url or path or ":memory:")
         self.client = _open_client(path, url)
+        # Closed once: by close(), when the store is collected, or at exit while imports still
+        # work (qdrant's own __del__ comes later there and prints an ImportError).
+        self._close = weakref.finalize(self, self.client.close)
         try:
             self._ensure_collection()
             self.transform = self._load_transform()
         except BaseException:
-            self.client.close()
+            self._close()
             raise
 
     # -- the collection ------------------------------------------------------------------
@@ -518,7 +522,7 @@ class MemoryStore:
 
     def close(self) -> None:
         """Release the client (and the local folder's lock)."""
-        self.client.close()
+        self._close()
 
     def __enter__(self) -> MemoryStore:
         return self
