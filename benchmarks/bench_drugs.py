@@ -83,7 +83,8 @@ def main() -> None:
     base, hf_rate = rates["no intervention"], rates["HF eager (untouched)"]
     path = "TL path" if args.no_fast else "fast path"
     print(
-        f"model {model.cfg.architecture}, {n} layers, batch {args.batch}, {args.tokens} tokens, "
+        f"model {model.cfg.architecture}, {n} layers, {args.dtype}, batch {args.batch}, "
+        f"{args.tokens} tokens, "
         f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds, "
         f"{clock_name} time"
     )

@@ -128,7 +128,7 @@ def main() -> None:
     models = (model_from_args(args, fast=True), model_from_args(args, fast=False))
     hfs = [(impl, untouched_hf(args, impl)) for impl in args.attn]
     cfg = models[0].cfg
-    print(f"model: {cfg.architecture}, {cfg.n_layers} layers, device {cfg.device}")
+    print(f"model: {cfg.architecture}, {cfg.n_layers} layers, {args.dtype}, device {cfg.device}")
     print(
         f"torch threads: {torch.get_num_threads()}, new tokens per row: {args.tokens}, "
         f"{clock_name} time"

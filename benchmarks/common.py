@@ -17,15 +17,22 @@ import torch
 
 from mechmem.models import bridge_from_hf, load_hf
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """``--tiny ARCH`` / ``--random-smollm2`` / ``--device`` (default: the embedded model)."""
+    """``--tiny ARCH`` / ``--random-shape NAME`` / ``--dtype`` / ``--device`` (default: the
+    embedded model in fp32)."""
+    from mechmem.tiny import SHAPES
+
     parser.add_argument("--tiny", default=None, help="a tiny random model of this family")
     parser.add_argument(
-        "--random-smollm2",
-        action="store_true",
-        help="random weights of SmolLM2-135M's shape (no download; for GPU machines)",
+        "--random-shape",
+        choices=sorted(SHAPES),
+        default=None,
+        help="random weights of this model's shape (no download; for GPU machines)",
     )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default=None)
 
 
@@ -56,13 +63,15 @@ def _device(args: argparse.Namespace) -> str:
 
 def _hf_from_args(args: argparse.Namespace):
     """A freshly loaded HF model and tokenizer of the arguments' choice (same weights each call)."""
-    from mechmem.tiny import smollm2_shaped_hf_model, tiny_hf_model
+    from mechmem.tiny import shaped_hf_model, tiny_hf_model
 
+    dtype = DTYPES[args.dtype]
     if args.tiny:
-        return tiny_hf_model(args.tiny)
-    if args.random_smollm2:
-        return smollm2_shaped_hf_model()
-    return load_hf()
+        model, tokenizer = tiny_hf_model(args.tiny)
+        return model.to(dtype), tokenizer
+    if args.random_shape:
+        return shaped_hf_model(args.random_shape, dtype=dtype, device=_device(args))
+    return load_hf(dtype=dtype)
 
 
 def model_from_args(args: argparse.Namespace, *, fast: bool | None = None):

@@ -126,49 +126,60 @@ def tiny_model(
     return bridge_from_hf(hf_model.to(dtype), tokenizer, device=device, fast=fast)
 
 
-def smollm2_shaped_hf_model(*, seed: int = 0):
-    """A random-weight HF Llama of SmolLM2-135M's exact shape (30 layers, d 576, 9/3 heads,
-    vocab 49152) and the byte tokenizer, for throughput measurements where real weights cannot
-    travel (e.g. a GPU machine). The same seed gives the same weights.
-
-    Its tokenizer is the byte tokenizer: ids above 258 decode to nothing.
-
-    Example:
-        >>> smollm2_shaped_hf_model()[0].config.num_hidden_layers  # doctest: +SKIP
-        30
-    """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(
+# Published models' shapes (their configs' sizes; Llama 3.2's RoPE scaling is left out), for
+# throughput measurements with random weights where real ones cannot travel (a GPU machine).
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(
         hidden_size=576,
         intermediate_size=1536,
         num_hidden_layers=30,
         num_attention_heads=9,
         num_key_value_heads=3,
         vocab_size=49152,
-        max_position_embeddings=8192,
         rope_theta=100000.0,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def shaped_hf_model(
+    shape: str = "smollm2-135m",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+):
+    """A random-weight HF Llama of one of :data:`SHAPES` and the byte tokenizer. The same seed,
+    dtype and device give the same weights; they are drawn on ``device`` (fast on a GPU).
+
+    Its tokenizer is the byte tokenizer: ids above 258 decode to nothing.
+
+    Example:
+        >>> shaped_hf_model("llama-3.2-1b")[0].config.num_hidden_layers  # doctest: +SKIP
+        16
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"shape: {shape!r} is not one of {sorted(SHAPES)}")
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=8192,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
     return model.eval(), tokenizer
-
-
-def smollm2_shaped_model(
-    *, seed: int = 0, device: str | None = None, fast: bool | None = None
-) -> TransformerBridge:
-    """:func:`smollm2_shaped_hf_model` as a ``TransformerBridge``; ``fast`` is
-    :func:`mechmem.load_model`'s switch.
-
-    Example:
-        >>> smollm2_shaped_model(device="cpu").cfg.n_layers  # doctest: +SKIP
-        30
-    """
-    from mechmem.models import bridge_from_hf
-
-    return bridge_from_hf(*smollm2_shaped_hf_model(seed=seed), device=device, fast=fast)
