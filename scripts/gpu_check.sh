@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check of docs/performance.md, run on a lent GPU machine from the repository root
-# after scripts/gpu_wheels.sh ran here:  device run, carry [".whl"], command "bash scripts/gpu_check.sh"
-# (estimated at 6 minutes on an H100; not yet run on one). Random weights of Llama 3.2 1B's shape in bf16, against an
-# untouched HF model and the plain engine in the same run; logs land in $OUT.
+# after scripts/gpu_wheels.sh ran here: the device tool's run, carry [".whl"], command
+# "bash scripts/gpu_check.sh" (estimated at 6 minutes on an H100; not yet run on one). Random
+# weights of Llama 3.2 1B's shape in bf16, against an untouched HF model and the plain engine in
+# the same run; logs land in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check}"
