@@ -45,6 +45,10 @@ CASES = {
         )
         for variant in ("faithful", "causal")
     },
+    "steer": lambda d: (
+        mechmem.Steer(layer=1, direction=[1.0] * d, scale=0.0),
+        mechmem.Steer(layer=1, direction=[1.0] * d, scale=3.0),
+    ),
     "nnm-inject": lambda d: (
         ResidualInjection(layer=1, gain=0.0, vectors=[[1.0] * d]),
         ResidualInjection(layer=1, gain=4.0, vectors=[[1.0] * d]),
