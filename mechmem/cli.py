@@ -33,21 +33,30 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the weights' dtype (default float32)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="show the model loader's progress bars"
     )
 
 
 def load_model(args: argparse.Namespace):
-    """Load ``--model`` on ``--device``, quietly, and say so in one line on stderr."""
+    """Load ``--model`` in ``--dtype`` on ``--device``, quietly; say so in one line on stderr."""
     import time
+
+    import torch
 
     import mechmem
 
     start = time.perf_counter()
-    model = mechmem.load_model(args.model, device=args.device, verbose=args.verbose)
+    dtype = getattr(torch, args.dtype)
+    model = mechmem.load_model(args.model, device=args.device, dtype=dtype, verbose=args.verbose)
     print(
-        f"mechmem: loaded {Path(str(model.cfg.model_name)).name} ({model.cfg.n_layers} layers) on "
-        f"{model.cfg.device} in {time.perf_counter() - start:.1f} s",
+        f"mechmem: loaded {Path(str(model.cfg.model_name)).name} ({model.cfg.n_layers} layers, "
+        f"{args.dtype}) on {model.cfg.device} in {time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
     return model

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import mechmem
 from mechmem.cli import main
@@ -39,6 +40,22 @@ def test_generate_rejects_negative_max_new_tokens(fake_load, capsys):
     assert "mechmem: error:" in captured.err
     assert "max_new_tokens" in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_dtype_reaches_the_loader_and_an_unknown_one_is_refused_first(tiny, monkeypatch, capsys):
+    dtypes = []
+
+    def load_model(name=None, *, device=None, dtype=None, verbose=False):
+        dtypes.append(dtype)
+        return tiny("llama")
+
+    monkeypatch.setattr(mechmem, "load_model", load_model)
+    assert main(["generate", "hello", "--max-new-tokens", "2", "--dtype", "bfloat16"]) == 0
+    assert dtypes == [torch.bfloat16]
+    assert "bfloat16" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "hello", "--dtype", "float64"])
+    assert dtypes == [torch.bfloat16] and "invalid choice" in capsys.readouterr().err
 
 
 def test_generate_json(fake_load, capsys):
