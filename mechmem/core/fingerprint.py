@@ -36,3 +36,16 @@ def model_name(model) -> str:
         'SmolLM2-135M-Instruct.Q4_1'
     """
     return re.sub(r"-[0-9a-f]{12}$", "", Path(str(model.cfg.model_name)).name)
+
+
+def model_label(model) -> str:
+    """The model as an experiment's results name it: ``cfg.model_name``, and the weights' dtype
+    unless they are fp32 (so a bf16 run is never taken for the fp32 one).
+
+    Example:
+        >>> model_label(tiny_model("llama", dtype=torch.bfloat16))  # doctest: +SKIP
+        'LlamaForCausalLM (bfloat16)'
+    """
+    name = str(getattr(model.cfg, "model_name", "unknown"))
+    dtype = next(model.parameters()).dtype
+    return name if dtype == torch.float32 else f"{name} ({str(dtype).removeprefix('torch.')})"

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from mechmem.core.config import Config, require
 from mechmem.core.engine import forward, generate
+from mechmem.core.fingerprint import model_label
 from mechmem.core.tokens import encode_prompts, hf_tokenizer
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.experiments.story_qa import is_correct, story_items
@@ -484,7 +485,7 @@ def run_attractor(
     results: dict[str, Any] = {
         "experiment": "attractor",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "arms": {arm: _attractor(config, arm).to_dict() for arm in ARMS},
     }
     parts = {

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mechmem.core.config import Config, require
 from mechmem.core.engine import forward
+from mechmem.core.fingerprint import model_label
 from mechmem.core.session import Session
 from mechmem.core.tokens import chat_ids, encode_batch, hf_tokenizer
 from mechmem.experiments.base import headline, write_outputs
@@ -525,7 +526,7 @@ def run_continuity(
     results = {
         "experiment": "continuity",
         "config": config.to_dict(),
-        "model": getattr(model.cfg, "model_name", "unknown"),
+        "model": model_label(model),
         "claimed": {"readme": CLAIMED, "notebook": NOTEBOOK},
         "probe": probe,
         "protocol": protocol,

@@ -32,6 +32,7 @@ import torch
 from mechmem.core.config import Config, require
 from mechmem.core.context import position_ids_from_mask
 from mechmem.core.engine import generate
+from mechmem.core.fingerprint import model_label
 from mechmem.core.tokens import encode_batch
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.drugs import SITES, Drugs, DrugsConfig
@@ -330,7 +331,7 @@ def run_drugs(
     results = {
         "experiment": "drugs",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "arms": metrics,
         "matched_variety": comparisons,
         "divergence": {

@@ -40,6 +40,7 @@ import plotly.graph_objects as go
 
 from mechmem.core.config import Config, require
 from mechmem.core.engine import generate
+from mechmem.core.fingerprint import model_label
 from mechmem.core.tokens import hf_tokenizer
 from mechmem.experiments.base import write_outputs
 from mechmem.experiments.nnm_gate import (
@@ -307,7 +308,7 @@ def _results(model, config, cells, replies, window, out) -> dict[str, Any]:
     results = {
         "experiment": "needle",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "window": window,
         "n_cells": len(cells),
         "truncation": (

@@ -48,6 +48,7 @@ import torch
 
 from mechmem.core.config import Config, require
 from mechmem.core.engine import generate
+from mechmem.core.fingerprint import model_label
 from mechmem.core.tokens import hf_tokenizer
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.nnm.inject import ResidualInjection
@@ -493,7 +494,7 @@ def _results(model, config, items, answers, gold, chosen, randoms, transform, ou
     results = {
         "experiment": "nnm-gate",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "n_items": len(items),
         "retrieval_top1": retrieval_hits / len(items),
         "transform": {"n_fit": transform.n_fit, "shrinkage": transform.shrinkage},

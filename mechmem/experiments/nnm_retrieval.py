@@ -39,7 +39,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from mechmem.core.config import Config, require
-from mechmem.core.fingerprint import model_fingerprint
+from mechmem.core.fingerprint import model_fingerprint, model_label
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.nnm.beir import RetrievalSet, load_beir, synthetic_dataset
 from mechmem.methods.nnm.embed import encode, prompt_texts
@@ -192,7 +192,7 @@ def run_nnm_retrieval(
     results = {
         "experiment": "nnm-retrieval",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "data": {"name": data.name, "queries": len(query_ids), "documents": len(doc_ids)},
         "layers": list(layers),
         "layer_selection": None if selection is None else selection.to_dict(),

@@ -32,6 +32,7 @@ import plotly.graph_objects as go
 
 from mechmem.core.config import Config, require
 from mechmem.core.engine import generate
+from mechmem.core.fingerprint import model_label
 from mechmem.experiments.base import headline, write_outputs
 from mechmem.methods.penalty import RepetitionPenalty
 from mechmem.methods.rdnet import RDNet
@@ -360,7 +361,7 @@ def run_rdnet(
     results = {
         "experiment": "rdnet",
         "config": config.to_dict(),
-        "model": str(model.cfg.model_name),
+        "model": model_label(model),
         "interventions": {arm: item.to_dict() for arm, item in memories.items()},
         "timings": {"elapsed_s": result.elapsed_s},
         "n_reprefills": result.n_reprefills,

@@ -9,6 +9,7 @@ import torch
 
 import mechmem
 from mechmem import nnm
+from mechmem.core.fingerprint import model_label
 from mechmem.methods.nnm.inject import ResidualInjection
 from mechmem.tiny import tiny_model
 
@@ -105,3 +106,9 @@ def test_a_session_and_a_memory_store_on_a_bfloat16_model(half, tmp_path):
         kv = store.passage_kv(hits[0].entry_id).prefix(model)
         run = mechmem.generate(model, ["Q:"], prefix=kv, max_new_tokens=3, return_logits=True)
         assert torch.isfinite(run.logits).all()
+
+
+def test_results_name_a_bfloat16_model_apart_from_its_fp32_twin(half, tiny):
+    fp32 = tiny("llama")
+    assert model_label(fp32) == str(fp32.cfg.model_name)
+    assert model_label(half("llama")) == f"{fp32.cfg.model_name} (bfloat16)"
