@@ -1,5 +1,5 @@
-"""Every method on bfloat16 weights: it runs, keeps the model's dtype, is the base model at strength
-0 and acts above it. (A hook that hands back fp32 into a bf16 model fails at the next linear
+"""Every method on bfloat16 and float16 weights: it runs, keeps the model's dtype, is the base model
+at strength 0 and acts above it. (A hook that hands back fp32 into a bf16 model fails at the next linear
 layer, or silently promotes the residual stream where nothing follows.)"""
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def half():
-    """Factory ``half(arch)``: the tiny model of ``arch`` in bfloat16, built once per module."""
-    built: dict[str, object] = {}
+    """Factory ``half(arch, dtype=bfloat16)``: the tiny model of ``arch`` in ``dtype``, built
+    once per module."""
+    built: dict[tuple, object] = {}
 
-    def get(arch: str):
-        if arch not in built:
-            built[arch] = tiny_model(arch, dtype=torch.bfloat16)
-        return built[arch]
+    def get(arch: str, dtype: torch.dtype = torch.bfloat16):
+        if (arch, dtype) not in built:
+            built[arch, dtype] = tiny_model(arch, dtype=dtype)
+        return built[arch, dtype]
 
     return get
 
@@ -74,10 +75,13 @@ def _run(model, interventions=()):
     return mechmem.generate(model, PROMPTS, list(interventions), return_logits=True, **SAMPLED)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_method_runs_in_bfloat16_is_the_base_model_at_zero_and_acts(half, arch, case):
-    model = half(arch)
-    assert next(model.parameters()).dtype == torch.bfloat16
+def test_a_method_runs_in_half_precision_is_the_base_model_at_zero_and_acts(
+    half, arch, case, dtype
+):
+    model = half(arch, dtype)
+    assert next(model.parameters()).dtype == dtype
     zero, acting = CASES[case](int(model.cfg.d_model))
     base = _run(model)
     off = _run(model, [zero])
@@ -85,7 +89,7 @@ def test_a_method_runs_in_bfloat16_is_the_base_model_at_zero_and_acts(half, arch
     seen = []  # the final norm's input: the residual stream that every hook fed into
     with model.hooks(fwd_hooks=[("ln_final.hook_in", lambda x, hook: seen.append(x.dtype))]):
         on = _run(model, [acting])
-    assert seen and set(seen) == {torch.bfloat16}
+    assert seen and set(seen) == {dtype}
     assert torch.isfinite(on.logits).all()
     assert not torch.equal(on.logits, base.logits)
 
