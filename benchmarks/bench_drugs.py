@@ -17,6 +17,7 @@ from common import (
     add_clock_arg,
     add_model_args,
     clock_from_args,
+    format_interval,
     model_from_args,
     paired_interval,
     paired_ratio,
@@ -90,16 +91,16 @@ def main() -> None:
     )
     print(
         "best: each arm's best round; paired: median over rounds of the same round's ratio, "
-        "with its 95% bootstrap interval"
+        "with its 95% interval (order statistics; n/a under 6 rounds)"
     )
     print(
         f"{'arm':<28} {'tok/s':>8} {'vs engine':>9} {'paired':>7} {'95% interval':>13} {'vs HF':>7}"
     )
     for name, rate in rates.items():
         paired = paired_ratio(times, name, "no intervention")
-        low, high = paired_interval(times, name, "no intervention")
+        interval = format_interval(paired_interval(times, name, "no intervention"))
         print(
-            f"{name:<28} {rate:8.2f} {rate / base:9.3f} {paired:7.3f} {low:6.3f}–{high:.3f}"
+            f"{name:<28} {rate:8.2f} {rate / base:9.3f} {paired:7.3f} {interval:>13}"
             f" {rate / hf_rate:7.3f}"
         )
     print("bar: DRµGS on one site over 10 layers >= 0.95x the engine without it")

@@ -29,6 +29,7 @@ from common import (
     add_clock_arg,
     add_model_args,
     clock_from_args,
+    format_interval,
     model_from_args,
     paired_interval,
     paired_ratio,
@@ -77,7 +78,8 @@ def _engine_arm(model, id_lists, interventions, tokens: int):
 def _arms(models, hfs, batch: int, tokens: int, hook_layers: int):
     fast, slow = models
     tokenizer = hf_tokenizer(fast)
-    id_lists = encode_prompts(tokenizer, PROMPTS[:batch])
+    # Any batch size: the prompts repeat in order past the eighth row.
+    id_lists = encode_prompts(tokenizer, [PROMPTS[row % len(PROMPTS)] for row in range(batch)])
     ids, mask = encode_batch(fast, id_lists)
     identity = mechmem.Identity(layers=list(range(min(hook_layers, fast.cfg.n_layers))))
     n_hooks = len(identity.config.layers)
@@ -136,7 +138,7 @@ def main() -> None:
 
     rates: dict[tuple[int, str], float] = {}
     paired: dict[tuple[int, str], float] = {}
-    intervals: dict[tuple[int, str], tuple[float, float]] = {}
+    intervals: dict[tuple[int, str], tuple[float, float] | None] = {}
     baselines = [f"HF {impl}" for impl in args.attn]
     for batch in args.batches:
         arms = _arms(models, hfs, batch, args.tokens, args.hook_layers)
@@ -149,15 +151,15 @@ def main() -> None:
     header = "".join(f"  {'vs ' + b:>11}" for b in baselines)
     print(
         f"\nratios of best rounds; 'paired': median over rounds of the ratio to {baselines[0]}, "
-        "with its 95% bootstrap interval"
+        "with its 95% interval (order statistics; n/a under 6 rounds)"
     )
     print(f"{'batch':>5}  {'arm':<34} {'tok/s':>8}{header}  {'paired':>7}  {'95% interval':>13}")
     for (batch, name), rate in rates.items():
         ratios = "".join(f"  {rate / rates[batch, b]:11.3f}" for b in baselines)
-        low, high = intervals[batch, name]
+        interval = format_interval(intervals[batch, name])
         print(
             f"{batch:>5}  {name:<34} {rate:8.2f}{ratios}  {paired[batch, name]:7.3f}"
-            f"  {low:6.3f}–{high:.3f}"
+            f"  {interval:>13}"
         )
     if "eager" in args.attn:
         print("\nbars (vs HF eager): mechmem (fast) >= 0.95, with identity hooks >= 0.9")

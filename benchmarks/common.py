@@ -8,6 +8,7 @@ TransformerLens too, so it is no baseline).
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import time
@@ -137,27 +138,40 @@ def paired_ratio(times: dict[str, list[float]], arm: str, baseline: str) -> floa
 
 
 def paired_interval(
-    times: dict[str, list[float]],
-    arm: str,
-    baseline: str,
-    level: float = 0.95,
-    resamples: int = 2000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """A percentile-bootstrap interval (``level``) for :func:`paired_ratio`: the rounds are
-    resampled with replacement and the median of their ratios taken each time. Whether a bar
-    is met is read from the interval, not from one median.
+    times: dict[str, list[float]], arm: str, baseline: str, level: float = 0.95
+) -> tuple[float, float] | None:
+    """A distribution-free interval (``level``) for :func:`paired_ratio`'s median: the k-th
+    smallest and k-th largest of the rounds' ratios, k the largest rank whose binomial tail
+    P(Binomial(n, ½) < k) is at most (1 − level) / 2. ``None`` when the rounds are too few for
+    any (fewer than 6 at 95%). Whether a bar is met is read from the interval, not from the
+    median alone.
 
     Example:
-        >>> low, high = paired_interval({"b": [1.0] * 9, "a": [1.0] * 9}, "a", "b")
-        >>> (low, high)
-        (1.0, 1.0)
+        >>> ratios = [0.90, 0.92, 0.93, 0.95, 0.96, 0.97, 0.99, 1.00]
+        >>> paired_interval({"b": ratios, "a": [1.0] * 8}, "a", "b")  # 8 rounds: the range
+        (0.9, 1.0)
+        >>> paired_interval({"b": ratios[:5], "a": [1.0] * 5}, "a", "b") is None
+        True
     """
-    ratios = [b / a for a, b in zip(times[arm], times[baseline])]
-    draw = random.Random(seed).choices
-    medians = sorted(statistics.median(draw(ratios, k=len(ratios))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+    ratios = sorted(b / a for a, b in zip(times[arm], times[baseline]))
+    n, tail = len(ratios), (1 - level) / 2
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2**n
+        if below > tail:
+            break
+        k += 1
+    return (ratios[k - 1], ratios[n - k]) if k else None
+
+
+def format_interval(interval: tuple[float, float] | None) -> str:
+    """``"0.943–0.961"``, or ``"n/a"`` where the rounds were too few for an interval.
+
+    Example:
+        >>> format_interval((0.9431, 0.961)), format_interval(None)
+        ('0.943–0.961', 'n/a')
+    """
+    return "n/a" if interval is None else f"{interval[0]:.3f}–{interval[1]:.3f}"
 
 
 def print_throughput(best: dict[str, float], rows_tokens: int, baseline: str) -> None:

@@ -15,7 +15,9 @@ import torch
 
 
 def model_fingerprint(model) -> str:
-    """Model name, shape and a hash of the first rows of the embedding matrix.
+    """Model name, shape and a hash of the first rows of the embedding matrix, and the weights'
+    dtype unless fp32 (a checkpoint stored in bf16 hashes alike in both dtypes, but its states
+    and caches differ).
 
     Example:
         >>> model_fingerprint(model).startswith("LlamaForCausalLM/")  # doctest: +SKIP
@@ -24,7 +26,20 @@ def model_fingerprint(model) -> str:
     cfg = model.cfg
     rows = model.W_E[:8].detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:12]
-    return f"{model_name(model)}/L{cfg.n_layers}/d{cfg.d_model}/v{cfg.d_vocab}/{digest}"
+    dtype = weights_dtype(model)
+    suffix = "" if dtype is None else f"/{dtype}"
+    return f"{model_name(model)}/L{cfg.n_layers}/d{cfg.d_model}/v{cfg.d_vocab}/{digest}{suffix}"
+
+
+def weights_dtype(model) -> str | None:
+    """The name of the weights' dtype (read off the embedding matrix), ``None`` for fp32.
+
+    Example:
+        >>> weights_dtype(tiny_model("llama", dtype=torch.float16))  # doctest: +SKIP
+        'float16'
+    """
+    dtype = model.W_E.dtype
+    return None if dtype == torch.float32 else str(dtype).removeprefix("torch.")
 
 
 def model_name(model) -> str:
@@ -47,5 +62,5 @@ def model_label(model) -> str:
         'LlamaForCausalLM (bfloat16)'
     """
     name = str(getattr(model.cfg, "model_name", "unknown"))
-    dtype = next(model.parameters()).dtype
-    return name if dtype == torch.float32 else f"{name} ({str(dtype).removeprefix('torch.')})"
+    dtype = weights_dtype(model)
+    return name if dtype is None else f"{name} ({dtype})"

@@ -1,6 +1,6 @@
-"""Every method on bfloat16 and float16 weights: it runs, keeps the model's dtype, is the base model
-at strength 0 and acts above it. (A hook that hands back fp32 into a bf16 model fails at the next linear
-layer, or silently promotes the residual stream where nothing follows.)"""
+"""Every method on bfloat16 and float16 weights: it runs, keeps the model's dtype, is the base
+model at strength 0 and acts above it. (A hook that hands back fp32 into a bf16 model fails at the
+next linear layer, or silently promotes the residual stream where nothing follows.)"""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 
 import mechmem
 from mechmem import nnm
-from mechmem.core.fingerprint import model_label
+from mechmem.core.fingerprint import model_fingerprint, model_label
 from mechmem.methods.nnm.inject import ResidualInjection
-from mechmem.tiny import tiny_model
+from mechmem.models import bridge_from_hf
+from mechmem.tiny import tiny_hf_model, tiny_model
 
 PROMPTS = ["hello world, this is a test", "a b"]
 SAMPLED = dict(max_new_tokens=6, stop_at_eos=False, do_sample=True, temperature=0.8, seed=3)
@@ -116,3 +117,11 @@ def test_results_name_a_bfloat16_model_apart_from_its_fp32_twin(half, tiny):
     fp32 = tiny("llama")
     assert model_label(fp32) == str(fp32.cfg.model_name)
     assert model_label(half("llama")) == f"{fp32.cfg.model_name} (bfloat16)"
+
+
+def test_a_fingerprint_tells_a_bf16_load_from_an_fp32_load_of_the_same_bf16_weights(half):
+    # weights that bf16 holds exactly, loaded once in each dtype: the embedding hashes alike
+    hf_model, tokenizer = tiny_hf_model("llama")
+    rounded = bridge_from_hf(hf_model.to(torch.bfloat16).float(), tokenizer, device="cpu")
+    fp32, bf16 = model_fingerprint(rounded), model_fingerprint(half("llama"))
+    assert fp32 != bf16 and bf16 == f"{fp32}/bfloat16"
