@@ -72,7 +72,7 @@ def main() -> None:
     clock, clock_name = clock_from_args(args)
     best = best_times({name: run(make) for name, make in arms.items()}, args.repeats, clock)
     print(
-        f"model {model.cfg.architecture}, batch {args.batch}, {args.tokens} tokens, "
+        f"model {model.cfg.architecture}, {args.dtype}, batch {args.batch}, {args.tokens} tokens, "
         f"device {model.cfg.device}, conservative layers {layers}, "
         f"{clock_name} time"
     )

@@ -18,7 +18,12 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 print("transformers", transformers.__version__, "transformer-lens", version("transformer-lens"))
 PY
 shape=(--random-shape llama-3.2-1b --dtype bfloat16 --device cuda)
-python3 benchmarks/bench_generate.py "${shape[@]}" --batches 1 16 --tokens 128 --repeats 3 \
-  2>&1 | grep -v "Loading weights" | tee "$OUT/bench_generate.txt"
-python3 benchmarks/bench_drugs.py "${shape[@]}" --tokens 64 --repeats 5 \
-  2>&1 | grep -v "Loading weights" | tee "$OUT/bench_drugs.txt"
+# Each benchmark under its own limit, so one that fails or overruns leaves the other's figures.
+status=0
+timeout 330 python3 benchmarks/bench_generate.py "${shape[@]}" --batches 1 16 --tokens 128 \
+  --repeats 3 > "$OUT/bench_generate.txt" 2>&1 || { status=1; echo "bench_generate failed"; }
+grep -v "Loading weights" "$OUT/bench_generate.txt" | tail -25 || true
+timeout 200 python3 benchmarks/bench_drugs.py "${shape[@]}" --tokens 64 --repeats 6 \
+  > "$OUT/bench_drugs.txt" 2>&1 || { status=1; echo "bench_drugs failed"; }
+grep -v "Loading weights" "$OUT/bench_drugs.txt" | tail -12 || true
+exit "$status"

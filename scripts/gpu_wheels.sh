@@ -3,7 +3,7 @@
 # That machine's image has torch, transformers, accelerate, pandas, pyarrow and most of what mechmem
 # imports, but no TransformerLens, plotly or datasets, and no package index. This downloads, for its
 # Python 3.12 on x86-64, the wheels it lacks (and transformers at the version CI tests, since the
-# fast path is checked against it) into .whl/, about 27 MB.
+# fast path is checked against it) into .whl/, about 26 MB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .whl
