@@ -85,9 +85,8 @@ def main() -> None:
     path = "TL path" if args.no_fast else "fast path"
     print(
         f"model {model.cfg.architecture}, {n} layers, {args.dtype}, batch {args.batch}, "
-        f"{args.tokens} tokens, "
-        f"device {model.cfg.device}, mechmem on the {path}, {args.repeats} rounds, "
-        f"{clock_name} time"
+        f"{args.tokens} tokens, device {model.cfg.device}, mechmem on the {path}, "
+        f"{args.repeats} rounds, {clock_name} time"
     )
     print(
         "best: each arm's best round; paired: median over rounds of the same round's ratio, "

@@ -16,9 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from mechmem.models import bridge_from_hf, load_hf
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mechmem.models import DTYPES, bridge_from_hf, load_hf
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +31,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="random weights of this model's shape (no download; for GPU machines)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--device", default=None)
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from mechmem.models import DTYPES
+
     parser.add_argument(
         "--model",
         default=None,
@@ -34,7 +36,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=tuple(DTYPES),
         default="float32",
         help="the weights' dtype (default float32)",
     )
@@ -47,12 +49,11 @@ def load_model(args: argparse.Namespace):
     """Load ``--model`` in ``--dtype`` on ``--device``, quietly; say so in one line on stderr."""
     import time
 
-    import torch
-
     import mechmem
+    from mechmem.models import DTYPES
 
     start = time.perf_counter()
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     model = mechmem.load_model(args.model, device=args.device, dtype=dtype, verbose=args.verbose)
     print(
         f"mechmem: loaded {Path(str(model.cfg.model_name)).name} ({model.cfg.n_layers} layers, "
