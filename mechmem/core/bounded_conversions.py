@@ -38,21 +38,33 @@ class LatestOnly(dict):
         super().__setitem__(key, value)
 
 
-def bound(model) -> int:
-    """Give every ``AttentionAutoConversion`` on ``model``'s hook points a :class:`LatestOnly`
-    record book; returns how many there are (a TransformerLens without that attribute: none).
+def attention_conversions(model) -> list[AttentionAutoConversion]:
+    """Every ``AttentionAutoConversion`` on ``model``'s hook points that keeps records, once each
+    (an attention's ``hook_in`` and ``hook_out`` share one).
 
     Example:
-        >>> bound(tiny_model("gpt2"))   # one per layer  # doctest: +SKIP
+        >>> len(attention_conversions(tiny_model("gpt2")))   # one per layer  # doctest: +SKIP
         3
     """
-    conversions = {
+    found = {
         id(point.hook_conversion): point.hook_conversion
         for point in model.modules()
         if isinstance(point, HookPoint)
         and isinstance(point.hook_conversion, AttentionAutoConversion)
         and isinstance(getattr(point.hook_conversion, "_conversion_state", None), dict)
     }
-    for conversion in conversions.values():
+    return list(found.values())
+
+
+def bound(model) -> int:
+    """Give each of :func:`attention_conversions` a :class:`LatestOnly` record book; returns how
+    many there are (none on a TransformerLens without that attribute).
+
+    Example:
+        >>> bound(tiny_model("gpt2"))   # one per layer  # doctest: +SKIP
+        3
+    """
+    conversions = attention_conversions(model)
+    for conversion in conversions:
         conversion._conversion_state = LatestOnly()
     return len(conversions)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import mechmem
+from mechmem.core.bounded_conversions import attention_conversions
 from mechmem.core.config import Config
 from mechmem.core.intervention import Intervention
 from mechmem.core.tokens import hf_tokenizer
@@ -130,10 +131,6 @@ def test_hooked_attention_keeps_one_conversion_record_per_layer(embedded, prompt
     model = embedded
     drugs = mechmem.Drugs(sites=["H"], dose=0.1)
     mechmem.generate(model, [prompt_ids], [drugs], max_new_tokens=8, stop_at_eos=False)
-    books = {
-        id(point.hook_conversion): point.hook_conversion._conversion_state
-        for name, point in model.hook_dict.items()
-        if name.endswith("attn.hook_in")
-    }
+    books = [conversion._conversion_state for conversion in attention_conversions(model)]
     assert len(books) == model.cfg.n_layers
-    assert [len(book) for book in books.values()] == [1] * model.cfg.n_layers
+    assert [len(book) for book in books] == [1] * model.cfg.n_layers

@@ -4,21 +4,9 @@
 from __future__ import annotations
 
 import torch
-from transformer_lens.conversion_utils.conversion_steps.attention_auto_conversion import (
-    AttentionAutoConversion,
-)
 
 import mechmem
-from mechmem.core.bounded_conversions import LatestOnly, bound
-
-
-def _conversions(model) -> list[AttentionAutoConversion]:
-    found = {
-        id(point.hook_conversion): point.hook_conversion
-        for point in model.hook_dict.values()
-        if isinstance(point.hook_conversion, AttentionAutoConversion)
-    }
-    return list(found.values())
+from mechmem.core.bounded_conversions import LatestOnly, attention_conversions, bound
 
 
 def _attention_hooks(model, edit):
@@ -38,7 +26,7 @@ def test_latest_only_keeps_the_entry_set_last():
 
 def test_a_long_hooked_generation_keeps_one_record_per_layer(tiny_model_any):
     model = tiny_model_any
-    conversions = _conversions(model)
+    conversions = attention_conversions(model)
     assert len(conversions) == model.cfg.n_layers  # one per attention, shared by its points
     hooks = _attention_hooks(model, lambda x, hook: x * 1.0)
     with model.hooks(fwd_hooks=hooks):
@@ -51,7 +39,7 @@ def test_drugs_at_h_keeps_one_record_per_layer(tiny):
     model = tiny("qwen2")
     drugs = mechmem.Drugs(sites=["H"], dose=0.2, protect_first=0)
     mechmem.generate(model, ["noise at H"], [drugs], max_new_tokens=10, stop_at_eos=False)
-    assert all(len(c._conversion_state) <= 1 for c in _conversions(model))
+    assert all(len(c._conversion_state) <= 1 for c in attention_conversions(model))
 
 
 def test_what_hooks_see_and_return_is_unchanged(tiny):
@@ -67,7 +55,7 @@ def test_what_hooks_see_and_return_is_unchanged(tiny):
     bounded = model.run_with_hooks(tokens, fwd_hooks=hooks)
     seen_bounded, seen[:] = list(seen), []
     try:
-        for conversion in _conversions(model):
+        for conversion in attention_conversions(model):
             conversion._conversion_state = {}  # TransformerLens' own record book
         plain = model.run_with_hooks(tokens, fwd_hooks=hooks)
     finally:
