@@ -8,7 +8,7 @@ exactly θ (for θ in [0, π]). Zero vectors, and draws parallel to x (‖o‖ �
 orthant, so the rotation directions are correlated across vectors (mean pairwise cosine ≈ 0.74 in
 high dimension). ``isotropic`` directions draw r from N(0, I) and are uncorrelated.
 
-:func:`prepare` does the part that depends only on θ and r (sin θ, cos θ, 1 / ‖r‖), so a caller
+:func:`prepare` does the part that depends only on θ and r (sin θ, cos θ, r / ‖r‖), so a caller
 that draws ahead, as DRµGS does once per step for all its layers, pays for it once.
 
 Example:
@@ -50,25 +50,24 @@ def draw_directions(
 
 class Rotation(NamedTuple):
     """Angles and draws made ready once, to rotate by later (:func:`prepare`): sin θ and cos θ
-    ``[..., 1]``, the draws r ``[..., d]`` and 1 / ‖r‖ ``[..., 1]``. Indexing each field alike
+    ``[..., 1]`` and the unit draws r / ‖r‖ ``[..., d]``. Indexing each field alike
     (``Rotation(*(f[i] for f in rotation))``) keeps it a rotation."""
 
     sin: Tensor
     cos: Tensor
-    r: Tensor
-    inverse_r_norm: Tensor
+    unit: Tensor
 
 
 def prepare(theta: Float[Tensor, "*n"], r: Float[Tensor, "*n d"]) -> Rotation:
     """The part of a rotation that does not depend on the vectors rotated.
 
     Example:
-        >>> prepare(torch.zeros(2), torch.ones(2, 3)).cos.tolist()
-        [[1.0], [1.0]]
+        >>> prepare(torch.zeros(2), torch.ones(2, 4)).unit.tolist()
+        [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]]
     """
     theta = theta.unsqueeze(-1)
     r_norm = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-    return Rotation(theta.sin(), theta.cos(), r, r_norm.clamp_min(_EPS).reciprocal())
+    return Rotation(theta.sin(), theta.cos(), r * r_norm.clamp_min(_EPS).reciprocal())
 
 
 def rotate(
@@ -90,15 +89,17 @@ def rotate_prepared(x: Float[Tensor, "n d"], rotation: Rotation) -> Float[Tensor
         >>> rotate_prepared(torch.ones(1, 2), prepare(torch.zeros(1), torch.ones(1, 2))).tolist()
         [[1.0, 1.0]]
     """
-    # x' = a·x + b·r. With c = cos(x, r) and sin φ = √(1 − c²): ‖o‖ = ‖r‖ sin φ, so
-    # a = cos θ − c sin θ / sin φ and b = (‖x‖ / ‖r‖) sin θ / sin φ: one norm and one dot
-    # product, then a dozen small kernels over the vectors.
-    sin, cos, r, inverse_r_norm = rotation
-    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    c = (x * r).sum(-1, keepdim=True) * inverse_r_norm / x_norm.clamp_min(_EPS)
-    sin_phi_squared = 1 - c * c
-    k = sin * sin_phi_squared.clamp_min(_PARALLEL).rsqrt()
-    a = torch.addcmul(cos, k, c, value=-1)
-    rotated = torch.addcmul(a * x, k * x_norm * inverse_r_norm, r)
-    # a zero vector (c = 0) comes back as a·0 = 0; a draw (nearly) parallel to x leaves x as it was
-    return torch.where(sin_phi_squared > _PARALLEL, rotated, x)
+    if x.dtype == torch.float16:  # x·x overflows fp16 once ‖x‖ > 255
+        return rotate_prepared(x.float(), Rotation(*(f.float() for f in rotation))).half()
+    # With u = r / ‖r‖, xx = x·x, xu = x·u and D = xx − xu² (= xx ‖o‖² for o = u − (xu / xx) x):
+    # x' = x cos θ + ‖x‖ sin θ o / ‖o‖ = (cos θ − q xu) x + q xx u, where q = sin θ / √D.
+    # Two dot products, then a dozen small kernels over the vectors.
+    sin, cos, unit = rotation
+    xx = torch.linalg.vecdot(x, x).unsqueeze(-1)
+    xu = torch.linalg.vecdot(x, unit).unsqueeze(-1)
+    spread = torch.addcmul(xx, xu, xu, value=-1)
+    q = sin * spread.clamp_min(_EPS).rsqrt()
+    rotated = torch.addcmul(torch.addcmul(cos, q, xu, value=-1) * x, q * xx, unit)
+    # D / xx is sin² of the angle between x and r: a zero vector (D = xx = 0) and a draw
+    # (nearly) parallel to x leave x as it was
+    return torch.where(spread > _PARALLEL * xx, rotated, x)

@@ -60,6 +60,21 @@ def test_rotation_leaves_zero_and_parallel_draws_unchanged():
     assert torch.isfinite(y).all()
 
 
+def test_rotation_of_large_fp16_vectors_stays_finite_and_keeps_the_norm():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 64, generator=g) * 300  # x·x ≈ 6e6, past fp16's 65504
+    theta = torch.full((64,), 0.3)
+    r = draw_directions((64, 64), "faithful", g, "cpu", torch.float32)
+    y = rotate(x.half(), theta.half(), r.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(
+        y.float().norm(dim=-1), x.half().float().norm(dim=-1), rtol=2e-3, atol=0
+    )
+    torch.testing.assert_close(
+        y.float(), rotate(x.half().float(), theta, r.half().float()), rtol=0, atol=0.5
+    )
+
+
 def _direction_cosines(mode: str) -> float:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 128, generator=g)
