@@ -27,6 +27,8 @@ draws a step's noise for all the noisy layers of a site in one go (in runs of la
 all of them would exceed :data:`_POOLED` numbers), so a hook only rotates.
 
 Example:
+    >>> from mechmem import Drugs, generate
+    >>> from mechmem.methods.depth_profile import peak_profile
     >>> drugs = Drugs(sites=["H"], dose=0.1, profile=peak_profile(0.4, 0.2))
     >>> result = generate(model, "Once upon a time", [drugs], max_new_tokens=20)  # doctest: +SKIP
 """
